@@ -1,0 +1,82 @@
+"""Turns one request's stream of KV frames into a llama.cpp sequence state buffer.
+
+Layers must arrive in order 0..n_layer-1 (one PUSH socket per sender keeps order; anything else
+is an error, not something to reorder). Each layer is decoded by its codec straight into its
+place in the final buffer, so assembling costs one copy per byte and the buffer is ready for
+`llama_state_seq_set_data` the moment the last layer lands.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from decode_cpu.kv_state import StateLayout, row_bytes
+from wire import codecs, frame
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What every frame of this decode worker's model must match."""
+
+    fingerprint: bytes
+    num_layers: int
+    row_elems: int
+    cache_type: str
+    n_stream: int
+
+
+@dataclass
+class Assembly:
+    request_id: bytes
+    layout: StateLayout
+    buf: bytearray
+    next_layer: int = 0
+    bytes_wire: int = 0
+    first_frame_s: float = field(default_factory=time.perf_counter)
+    last_frame_s: float = 0.0
+
+    @property
+    def complete(self) -> bool:
+        return self.next_layer == self.layout.num_layers
+
+
+def start_assembly(geom: Geometry, h: frame.FrameHeader) -> Assembly:
+    check_header(geom, h)
+    if h.layer != 0:
+        raise frame.OutOfOrderLayer(f"KV stream starts at layer {h.layer}, expected 0")
+    layout = StateLayout.for_cache(geom.n_stream, h.num_tokens, geom.num_layers, geom.row_elems, geom.cache_type)
+    return Assembly(h.request_id, layout, layout.allocate())
+
+
+def check_header(geom: Geometry, h: frame.FrameHeader) -> None:
+    if h.fingerprint != geom.fingerprint:
+        raise frame.FingerprintMismatch(
+            f"KV frame is for model {h.fingerprint.hex()}, this decode worker holds {geom.fingerprint.hex()}: "
+            "load the same GGUF on the prefill and decode workers"
+        )
+    if h.num_layers != geom.num_layers or h.row_elems != geom.row_elems:
+        raise frame.GeometryMismatch(
+            f"KV frame geometry {h.num_layers} layers x {h.row_elems} elems, model has "
+            f"{geom.num_layers} x {geom.row_elems}"
+        )
+
+
+def add_layer(geom: Geometry, asm: Assembly, h: frame.FrameHeader, k_payload, v_payload) -> None:
+    """Decode one checked frame into its place. Raises a named FrameError on anything unexpected."""
+    check_header(geom, h)
+    if h.layer != asm.next_layer:
+        raise frame.OutOfOrderLayer(f"KV layer {h.layer} arrived, expected layer {asm.next_layer}")
+    if h.num_tokens != asm.layout.num_cells:
+        raise frame.GeometryMismatch(f"layer {h.layer} carries {h.num_tokens} tokens, layer 0 carried {asm.layout.num_cells}")
+    codec = codecs.codec_by_id(h.codec)
+    k_rows = codec.decode(k_payload, h.num_tokens, h.row_elems, geom.cache_type)
+    v_rows = codec.decode(v_payload, h.num_tokens, h.row_elems, geom.cache_type)
+    asm.layout.put_layer(asm.buf, h.layer, k_rows, v_rows)
+    asm.next_layer += 1
+    asm.bytes_wire += len(k_payload) + len(v_payload)
+    asm.last_frame_s = time.perf_counter()
+
+
+def state_bytes(geom: Geometry, num_tokens: int) -> int:
+    return 2 * geom.num_layers * num_tokens * row_bytes(geom.cache_type, geom.row_elems)

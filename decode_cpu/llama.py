@@ -1,0 +1,244 @@
+"""Thin owning wrappers over llama.cpp's C API (through llama-cpp-python's ctypes layer).
+
+Each class owns one native object and frees it deterministically in `close()` (and on garbage
+collection as a fallback). Nothing here knows about requests, slots or the wire.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+import llama_cpp
+from llama_cpp import _logger as _llama_logger
+
+from homelab_disagg.errors import ModelError
+
+GGML_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
+_backend_lock = threading.Lock()
+_backend_ready = False
+
+
+def init_backend(numa_strategy: int = 0, verbose: bool = False) -> None:
+    """Once per process: llama.cpp's backend and NUMA mode (0 off, 3 = follow numactl's binding)."""
+    global _backend_ready
+    with _backend_lock:
+        if _backend_ready:
+            return
+        _llama_logger.set_verbose(verbose)
+        llama_cpp.llama_backend_init()
+        if numa_strategy:
+            llama_cpp.llama_numa_init(numa_strategy)
+        _backend_ready = True
+
+
+class LlamaModel:
+    """A loaded GGUF model and its vocabulary."""
+
+    def __init__(self, path, verbose: bool = False):
+        init_backend(verbose=verbose)
+        params = llama_cpp.llama_model_default_params()
+        params.use_mmap = True
+        self._ptr = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not self._ptr:
+            raise ModelError(f"llama.cpp could not load {path}; is it a complete GGUF for this llama.cpp version?")
+        self.vocab = llama_cpp.llama_model_get_vocab(self._ptr)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_layer = llama_cpp.llama_model_n_layer(self._ptr)
+        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._ptr)
+        self._piece_buf = ctypes.create_string_buffer(256)
+
+    @property
+    def ptr(self):
+        return self._ptr
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        buf = (llama_cpp.llama_token * cap)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            cap = -n
+            buf = (llama_cpp.llama_token * cap)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        return list(buf[:n])
+
+    def token_bytes(self, token: int) -> bytes:
+        """Raw bytes of a token's piece (may be a partial UTF-8 sequence)."""
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+            return buf.raw[:n]
+        return self._piece_buf.raw[:n]
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        """Render chat messages with the GGUF's own template (llama.cpp's built-in matcher)."""
+        tmpl = llama_cpp.llama_model_chat_template(self._ptr, None)
+        n = len(messages)
+        arr = (llama_cpp.llama_chat_message * n)()
+        keep = []
+        for i, m in enumerate(messages):
+            role, content = str(m.get("role", "user")).encode(), str(m.get("content", "")).encode()
+            keep += [role, content]
+            arr[i].role, arr[i].content = role, content
+        size = 4096 + sum(len(k) for k in keep) * 2
+        buf = ctypes.create_string_buffer(size)
+        got = llama_cpp.llama_chat_apply_template(tmpl, arr, n, True, buf, size)
+        if got > size:
+            buf = ctypes.create_string_buffer(got)
+            got = llama_cpp.llama_chat_apply_template(tmpl, arr, n, True, buf, got)
+        if got < 0:
+            raise ModelError("the model's chat template is not supported by llama.cpp; send a plain prompt")
+        return buf.raw[:got].decode("utf-8", errors="replace")
+
+    def close(self) -> None:
+        if getattr(self, "_ptr", None):
+            llama_cpp.llama_model_free(self._ptr)
+            self._ptr = None
+
+    __del__ = close
+
+
+@dataclass(frozen=True)
+class ContextParams:
+    n_ctx: int  # total cells, shared by all sequences (each sequence gets n_ctx / n_seq_max)
+    n_seq_max: int
+    n_batch: int = 512
+    n_threads: int = 2
+    type_k: str = "f16"
+    type_v: str = "f16"
+    flash_attn: bool = True
+    kv_unified: bool = False  # False: one KV stream per sequence, so a sequence's cells are its own
+
+
+class LlamaContext:
+    """One llama.cpp context: the KV cache of all sequence slots and the decode call."""
+
+    def __init__(self, model: LlamaModel, p: ContextParams):
+        self.model, self.params = model, p
+        cp = llama_cpp.llama_context_default_params()
+        cp.n_ctx = p.n_ctx
+        cp.n_batch = p.n_batch
+        cp.n_ubatch = p.n_batch
+        cp.n_seq_max = p.n_seq_max
+        cp.n_threads = cp.n_threads_batch = p.n_threads
+        cp.type_k, cp.type_v = GGML_TYPES[p.type_k], GGML_TYPES[p.type_v]
+        cp.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if p.flash_attn else 0
+        cp.kv_unified = p.kv_unified
+        cp.no_perf = True
+        self._ptr = llama_cpp.llama_init_from_model(model.ptr, cp)
+        if not self._ptr:
+            raise ModelError(f"llama.cpp could not create a context with {p}")
+        self.mem = llama_cpp.llama_get_memory(self._ptr)
+        self.n_seq_max = llama_cpp.llama_n_seq_max(self._ptr)
+        self.n_ctx_seq = llama_cpp.llama_n_ctx_seq(self._ptr)
+        self.n_stream = 1 if p.kv_unified else self.n_seq_max
+        self.n_vocab = model.n_vocab
+
+    def decode(self, batch: "Batch") -> None:
+        rc = llama_cpp.llama_decode(self._ptr, batch.raw)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc} (1: no KV slot for the batch)")
+
+    def logits(self, i: int) -> np.ndarray:
+        """Logits of batch row i: [n_vocab] float32 view (valid until the next decode)."""
+        ptr = llama_cpp.llama_get_logits_ith(self._ptr, i)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def seq_rm(self, seq_id: int) -> None:
+        llama_cpp.llama_memory_seq_rm(self.mem, seq_id, -1, -1)
+
+    def seq_pos_max(self, seq_id: int) -> int:
+        return llama_cpp.llama_memory_seq_pos_max(self.mem, seq_id)
+
+    def get_seq_state(self, seq_id: int) -> bytes:
+        self._check_seq(seq_id)
+        n = llama_cpp.llama_state_seq_get_size(self._ptr, seq_id)
+        buf = (ctypes.c_uint8 * n)()
+        got = llama_cpp.llama_state_seq_get_data(self._ptr, buf, n, seq_id)
+        return bytes(buf[:got])
+
+    def set_seq_state(self, seq_id: int, state) -> int:
+        """Load a sequence state buffer into `seq_id`; 0 means llama.cpp rejected it."""
+        self._check_seq(seq_id)
+        buf = (ctypes.c_uint8 * len(state)).from_buffer(state) if not isinstance(state, bytes) else state
+        return llama_cpp.llama_state_seq_set_data(self._ptr, buf, len(state), seq_id)
+
+    def _check_seq(self, seq_id: int) -> None:
+        # llama.cpp aborts the whole process on an out-of-range seq id: refuse it here instead
+        if not 0 <= seq_id < self.n_seq_max:
+            raise ValueError(f"sequence id {seq_id} is out of range 0..{self.n_seq_max - 1}")
+
+    def close(self) -> None:
+        if getattr(self, "_ptr", None):
+            llama_cpp.llama_free(self._ptr)
+            self._ptr = None
+
+    __del__ = close
+
+
+class Batch:
+    """An owned llama_batch with numpy views on its arrays, so filling it is vectorized."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.raw = llama_cpp.llama_batch_init(capacity, 0, 1)
+        self.token = np.ctypeslib.as_array(self.raw.token, shape=(capacity,))
+        self.pos = np.ctypeslib.as_array(self.raw.pos, shape=(capacity,))
+        self.n_seq_id = np.ctypeslib.as_array(self.raw.n_seq_id, shape=(capacity,))
+        self.logits = np.ctypeslib.as_array(ctypes.cast(self.raw.logits, ctypes.POINTER(ctypes.c_int8)), shape=(capacity,))
+        self._seq_ptrs = [self.raw.seq_id[i] for i in range(capacity)]
+
+    def fill(self, tokens, positions, seq_ids, want_logits) -> None:
+        n = len(tokens)
+        if n > self.capacity:
+            raise ValueError(f"batch of {n} tokens exceeds capacity {self.capacity}")
+        self.raw.n_tokens = n
+        self.token[:n] = tokens
+        self.pos[:n] = positions
+        self.n_seq_id[:n] = 1
+        self.logits[:n] = want_logits
+        for i, s in enumerate(seq_ids):
+            self._seq_ptrs[i][0] = s
+
+    def close(self) -> None:
+        if getattr(self, "raw", None) is not None:
+            llama_cpp.llama_batch_free(self.raw)
+            self.raw = None
+
+    __del__ = close
+
+
+class Sampler:
+    """A llama.cpp sampler chain for one sequence: top-k -> top-p -> temperature -> dist, or greedy."""
+
+    def __init__(self, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0):
+        self._ptr = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        add = lambda s: llama_cpp.llama_sampler_chain_add(self._ptr, s)  # noqa: E731
+        if temperature <= 0.0:
+            add(llama_cpp.llama_sampler_init_greedy())
+        else:
+            if top_k > 0:
+                add(llama_cpp.llama_sampler_init_top_k(top_k))
+            if top_p < 1.0:
+                add(llama_cpp.llama_sampler_init_top_p(top_p, 1))
+            add(llama_cpp.llama_sampler_init_temp(temperature))
+            add(llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+
+    def sample(self, ctx: LlamaContext, batch_index: int) -> int:
+        # llama_sampler_sample also accepts the token into the chain's state
+        return llama_cpp.llama_sampler_sample(self._ptr, ctx._ptr, batch_index)
+
+    def close(self) -> None:
+        if getattr(self, "_ptr", None):
+            llama_cpp.llama_sampler_free(self._ptr)
+            self._ptr = None
+
+    __del__ = close

@@ -1,0 +1,3 @@
+from homelab_disagg.cli import main
+
+main()

