@@ -253,6 +253,7 @@ def test_decode_unit_binds_its_worker_to_its_numa_node(converge: Converge, node:
     assert f"--threads {CORES_PER_NODE} " in line
     assert f"--model {converge.model_path} " in line
     assert f"--control tcp://0.0.0.0:{control_port} --kv tcp://0.0.0.0:{control_port + 1} " in line
+    assert line.endswith(f" --name localhost-node{node}"), "the worker's name must match its lab.toml entry"
 
 
 def test_only_one_decode_unit_per_numa_node(converge: Converge) -> None:
@@ -264,7 +265,7 @@ def test_prefill_and_coordinator_units_call_the_cli(converge: Converge) -> None:
     prefill = exec_start(converge.unit_dir / "homelab-disagg-prefill.service")
     assert prefill == (
         f"ExecStart={converge.venv}/bin/homelab-disagg prefill-worker --model {converge.model_path}"
-        f" --control tcp://0.0.0.0:{PREFILL_PORT} --device auto"
+        f" --control tcp://0.0.0.0:{PREFILL_PORT} --device auto --name localhost"
     )
     coordinator = exec_start(converge.unit_dir / "homelab-disagg-coordinator.service")
     assert coordinator == f"ExecStart={converge.venv}/bin/homelab-disagg serve --config {converge.etc_dir}/lab.toml"
