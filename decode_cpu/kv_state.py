@@ -102,8 +102,9 @@ class StateLayout:
     def put_layer(self, buf: bytearray, layer: int, k_rows, v_rows) -> None:
         """Copy one layer's rows (bytes-like, num_cells rows each) into place."""
         nk, nv = self.num_cells * self.k_row_bytes, self.num_cells * self.v_row_bytes
-        if len(k_rows) != nk or len(v_rows) != nv:
-            raise StateLayoutError(f"layer {layer}: got {len(k_rows)}+{len(v_rows)} bytes of rows, expected {nk}+{nv}")
+        k_rows, v_rows = memoryview(k_rows).cast("B"), memoryview(v_rows).cast("B")
+        if k_rows.nbytes != nk or v_rows.nbytes != nv:
+            raise StateLayoutError(f"layer {layer}: got {k_rows.nbytes}+{v_rows.nbytes} bytes of rows, expected {nk}+{nv}")
         ko, vo = self.k_offset(layer), self.v_offset(layer)
         buf[ko : ko + nk] = k_rows
         buf[vo : vo + nv] = v_rows
