@@ -22,6 +22,8 @@ from homelab_disagg.errors import DisaggError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 model_app = typer.Typer(no_args_is_help=True, help="The model: fetch the default, inspect a GGUF.")
 app.add_typer(model_app, name="model")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: ours and the baseline side by side, table + CSV + --json.")
+app.add_typer(bench_app, name="bench")
 console = Console()
 err_console = Console(stderr=True)
 _state = {"debug": Env().debug}
@@ -215,6 +217,13 @@ def model_info(model: ModelOpt = None) -> None:
         console.print(table)
     except DisaggError as e:
         _fail(e)
+
+
+# --- benchmarks -----------------------------------------------------------------------------
+# Each command's module owns its options' meaning; the CLI only parses and hands over.
+
+CsvOpt = Annotated[Optional[Path], typer.Option("--csv", help="CSV output path. Default: results/bench-<name>-<time>.csv")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
 
 
 def main() -> None:
