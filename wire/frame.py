@@ -2,10 +2,14 @@
 
 A layer travels as a 3-part ZeroMQ message `[header, k_payload, v_payload]`, so the payloads are
 never copied into a header buffer. The header pins everything the receiver needs to reject a
-frame it cannot use: protocol version, model fingerprint, codec, geometry, payload sizes, and a
-CRC32 over the payloads (and one over the header itself).
+frame it cannot use: protocol version, model fingerprint, codec, geometry, payload sizes, a hash
+over the payloads and a CRC32 over the header itself.
 
-Header layout (little-endian, 64 bytes):
+The payload hash is XXH3-64, not CRC32: zlib's CRC32 runs at ~2 GB/s on one core of the dev box,
+slower than twice a 10GbE link's payload rate (it is computed on both ends), while XXH3 runs at
+~12 GB/s (measured side by side on 64 MiB). Like CRC32 it detects corruption, not tampering.
+
+Header layout (little-endian, 68 bytes):
 
     off size field
       0   4  magic          b"HDKV"
@@ -20,9 +24,9 @@ Header layout (little-endian, 64 bytes):
      40   4  row_elems      K/V elements per token per layer (n_kv_heads * head_dim)
      44   4  k_nbytes
      48   4  v_nbytes
-     52   4  payload_crc    crc32(k_payload + v_payload)
-     56   4  flags          reserved, 0
-     60   4  header_crc     crc32(bytes 0..60)
+     52   8  payload_hash   xxh3_64 over k_payload then v_payload (streaming)
+     60   4  flags          abort reason code; 0 for layers
+     64   4  header_crc     crc32(bytes 0..64)
 """
 
 from __future__ import annotations
@@ -31,15 +35,17 @@ import struct
 import zlib
 from dataclasses import dataclass, replace
 
+import xxhash
+
 MAGIC = b"HDKV"
 VERSION = 1
 KIND_LAYER = 0
 KIND_ABORT = 1
 
-_BODY = struct.Struct("<4sHBB16s8sHHIIIIII")
+_BODY = struct.Struct("<4sHBB16s8sHHIIIIQI")
 _CRC = struct.Struct("<I")
 HEADER_BYTES = _BODY.size + _CRC.size
-assert HEADER_BYTES == 64
+assert HEADER_BYTES == 68
 
 
 class FrameError(ValueError):
@@ -84,20 +90,22 @@ class FrameHeader:
     row_elems: int
     k_nbytes: int
     v_nbytes: int
-    payload_crc: int = 0
+    payload_hash: int = 0
     kind: int = KIND_LAYER
     flags: int = 0
 
 
-def payload_crc(k_payload, v_payload) -> int:
-    # zlib.crc32 releases the GIL on large buffers, so this overlaps with the sender's socket I/O.
-    return zlib.crc32(v_payload, zlib.crc32(k_payload))
+def payload_hash(k_payload, v_payload) -> int:
+    h = xxhash.xxh3_64()
+    h.update(k_payload)
+    h.update(v_payload)
+    return h.intdigest()
 
 
 def pack_header(h: FrameHeader) -> bytes:
     body = _BODY.pack(
         MAGIC, VERSION, h.kind, h.codec, h.request_id, h.fingerprint, h.layer, h.num_layers,
-        h.num_tokens, h.row_elems, h.k_nbytes, h.v_nbytes, h.payload_crc, h.flags,
+        h.num_tokens, h.row_elems, h.k_nbytes, h.v_nbytes, h.payload_hash, h.flags,
     )
     return body + _CRC.pack(zlib.crc32(body))
 
@@ -119,12 +127,12 @@ def unpack_header(buf) -> FrameHeader:
     (crc,) = _CRC.unpack_from(buf, _BODY.size)
     if zlib.crc32(buf[: _BODY.size]) != crc:
         raise CorruptFrame("KV frame header checksum mismatch: the header was corrupted in transit")
-    (_, _, kind, codec, rid, fp, layer, num_layers, num_tokens, row_elems, k_nbytes, v_nbytes, pcrc, flags) = (
+    (_, _, kind, codec, rid, fp, layer, num_layers, num_tokens, row_elems, k_nbytes, v_nbytes, phash, flags) = (
         _BODY.unpack_from(buf)
     )
     if kind not in (KIND_LAYER, KIND_ABORT):
         raise CorruptFrame(f"KV frame kind {kind} is unknown")
-    return FrameHeader(rid, fp, codec, layer, num_layers, num_tokens, row_elems, k_nbytes, v_nbytes, pcrc, kind, flags)
+    return FrameHeader(rid, fp, codec, layer, num_layers, num_tokens, row_elems, k_nbytes, v_nbytes, phash, kind, flags)
 
 
 def check_payload(h: FrameHeader, k_payload, v_payload) -> None:
@@ -134,14 +142,14 @@ def check_payload(h: FrameHeader, k_payload, v_payload) -> None:
         raise TruncatedFrame(
             f"layer {h.layer}: payload is {k_nbytes}+{v_nbytes} bytes, header says {h.k_nbytes}+{h.v_nbytes}"
         )
-    if payload_crc(k_payload, v_payload) != h.payload_crc:
+    if payload_hash(k_payload, v_payload) != h.payload_hash:
         raise CorruptFrame(f"layer {h.layer}: payload checksum mismatch, the KV bytes were corrupted in transit")
 
 
 def encode_layer(h: FrameHeader, k_payload, v_payload) -> list:
     """The multipart message for one layer; payloads are passed through, not copied."""
     k_nbytes, v_nbytes = memoryview(k_payload).nbytes, memoryview(v_payload).nbytes
-    h = replace(h, k_nbytes=k_nbytes, v_nbytes=v_nbytes, payload_crc=payload_crc(k_payload, v_payload))
+    h = replace(h, k_nbytes=k_nbytes, v_nbytes=v_nbytes, payload_hash=payload_hash(k_payload, v_payload))
     return [pack_header(h), k_payload, v_payload]
 
 

@@ -29,7 +29,7 @@ def test_golden_header_bytes_pin_the_format():
     if not GOLDEN.exists():  # written once on purpose; a diff here is a protocol change
         GOLDEN.write_bytes(parts[0])
     assert parts[0] == GOLDEN.read_bytes()
-    assert len(parts[0]) == frame.HEADER_BYTES == 64
+    assert len(parts[0]) == frame.HEADER_BYTES == 68
     assert parts[0][:4] == b"HDKV" and struct.unpack_from("<H", parts[0], 4)[0] == 1
 
 
@@ -79,14 +79,14 @@ def test_wrong_version_says_what_to_do():
     parts = frame.encode_layer(header(), b"k", b"v")
     bad = bytearray(parts[0])
     struct.pack_into("<H", bad, 4, 2)
-    struct.pack_into("<I", bad, 60, zlib.crc32(bad[:60]))
+    struct.pack_into("<I", bad, 64, zlib.crc32(bad[:64]))
     with pytest.raises(frame.VersionMismatch, match="same homelab-disagg version"):
         frame.unpack_header(bytes(bad))
 
 
 def test_wrong_magic():
     with pytest.raises(frame.CorruptFrame, match="magic"):
-        frame.unpack_header(b"XXXX" + bytes(60))
+        frame.unpack_header(b"XXXX" + bytes(64))
 
 
 @settings(max_examples=400, deadline=None)
@@ -101,7 +101,7 @@ def test_decoder_never_accepts_garbage_or_crashes(h, k, v):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.integers(0, 63), st.integers(0, 7))
+@given(st.integers(0, 67), st.integers(0, 7))
 def test_any_single_bit_flip_in_header_is_caught(byte, bit):
     parts = frame.encode_layer(header(), b"k" * 8, b"v" * 8)
     bad = bytearray(parts[0])
