@@ -38,6 +38,7 @@ class RequestRecord:
     encode_ms: float = 0.0
     wire_exposed_ms: float = 0.0
     kv_recv_ms: float = 0.0  # first KV frame -> last KV frame at the decode worker
+    kv_wait_ms: float = 0.0  # admission -> last KV frame at the decode worker
     inject_ms: float = 0.0
     first_step_ms: float = 0.0
     kv_bytes_raw: int = 0
