@@ -18,30 +18,39 @@ from llama_cpp import _logger as _llama_logger
 from homelab_disagg.errors import ModelError
 
 GGML_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
+NUMA_OFF = llama_cpp.GGML_NUMA_STRATEGY_DISABLED
+NUMA_NUMACTL = llama_cpp.GGML_NUMA_STRATEGY_NUMACTL  # threads follow the CPU set the process is bound to
 _backend_lock = threading.Lock()
-_backend_ready = False
+_backend = {"ready": False, "numa": NUMA_OFF}  # process-wide by nature: llama.cpp's backend is a singleton
 
 
-def init_backend(numa_strategy: int = 0, verbose: bool = False) -> None:
-    """Once per process: llama.cpp's backend and NUMA mode (0 off, 3 = follow numactl's binding)."""
-    global _backend_ready
+def init_backend(numa_strategy: int = NUMA_OFF, verbose: bool = False) -> None:
+    """Once per process: llama.cpp's backend and NUMA mode (0 off, 3 = follow numactl's binding).
+    Call it with the NUMA strategy before the first model loads; a later call may still switch
+    NUMA on once (llama.cpp allows one NUMA init per process)."""
     with _backend_lock:
-        if _backend_ready:
-            return
-        _llama_logger.set_verbose(verbose)
-        llama_cpp.llama_backend_init()
-        if numa_strategy:
+        if not _backend["ready"]:
+            _llama_logger.set_verbose(verbose)
+            llama_cpp.llama_backend_init()
+            _backend["ready"] = True
+        if numa_strategy and not _backend["numa"]:
             llama_cpp.llama_numa_init(numa_strategy)
-        _backend_ready = True
+            _backend["numa"] = numa_strategy
+
+
+def numa_strategy() -> int:
+    return _backend["numa"]
 
 
 class LlamaModel:
     """A loaded GGUF model and its vocabulary."""
 
-    def __init__(self, path, verbose: bool = False):
+    def __init__(self, path, verbose: bool = False, use_mmap: bool = True):
         init_backend(verbose=verbose)
         params = llama_cpp.llama_model_default_params()
-        params.use_mmap = True
+        # no mmap: the weights are read into memory this process allocates, which a NUMA-bound
+        # process gets on its own node (mmap'd pages live wherever the page cache put them)
+        params.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP if use_mmap else llama_cpp.LLAMA_LOAD_MODE_NONE
         self._ptr = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not self._ptr:
             raise ModelError(f"llama.cpp could not load {path}; is it a complete GGUF for this llama.cpp version?")
@@ -50,6 +59,7 @@ class LlamaModel:
         self.n_layer = llama_cpp.llama_model_n_layer(self._ptr)
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._ptr)
         self._piece_buf = ctypes.create_string_buffer(256)
+        self._pieces: dict[int, bytes] = {}  # token -> piece bytes; bounded by the vocabulary
 
     @property
     def ptr(self):
@@ -67,13 +77,18 @@ class LlamaModel:
         return list(buf[:n])
 
     def token_bytes(self, token: int) -> bytes:
-        """Raw bytes of a token's piece (may be a partial UTF-8 sequence)."""
-        n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
-            return buf.raw[:n]
-        return self._piece_buf.raw[:n]
+        """Raw bytes of a token's piece (may be a partial UTF-8 sequence; special tokens are empty)."""
+        piece = self._pieces.get(token)
+        if piece is None:
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+                piece = buf.raw[:n]
+            else:
+                piece = self._piece_buf.raw[:n]
+            self._pieces[token] = piece
+        return piece
 
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
@@ -152,10 +167,19 @@ class LlamaContext:
         ptr = llama_cpp.llama_get_logits_ith(self._ptr, i)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
+    def output_logits(self, num_outputs: int) -> np.ndarray:
+        """Logits of every row that asked for them, in batch order: [num_outputs, n_vocab] float32
+        view (valid until the next decode)."""
+        ptr = llama_cpp.llama_get_logits(self._ptr)
+        return np.ctypeslib.as_array(ptr, shape=(num_outputs, self.n_vocab))
+
     def seq_rm(self, seq_id: int) -> None:
+        self._check_seq(seq_id)
         llama_cpp.llama_memory_seq_rm(self.mem, seq_id, -1, -1)
 
     def seq_pos_max(self, seq_id: int) -> int:
+        """Highest position held by seq_id, -1 when it holds no cells."""
+        self._check_seq(seq_id)
         return llama_cpp.llama_memory_seq_pos_max(self.mem, seq_id)
 
     def get_seq_state(self, seq_id: int) -> bytes:
@@ -185,33 +209,49 @@ class LlamaContext:
 
 
 class Batch:
-    """An owned llama_batch with numpy views on its arrays, so filling it is vectorized."""
+    """A llama_batch whose arrays are numpy arrays owned here, so filling it is vectorized.
+
+    llama_batch is a plain struct read by llama_decode; the per-row seq-id pointers point into one
+    contiguous int32 array, so even seq ids are set with one numpy assignment (one seq per row).
+    """
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self.raw = llama_cpp.llama_batch_init(capacity, 0, 1)
-        self.token = np.ctypeslib.as_array(self.raw.token, shape=(capacity,))
-        self.pos = np.ctypeslib.as_array(self.raw.pos, shape=(capacity,))
-        self.n_seq_id = np.ctypeslib.as_array(self.raw.n_seq_id, shape=(capacity,))
-        self.logits = np.ctypeslib.as_array(ctypes.cast(self.raw.logits, ctypes.POINTER(ctypes.c_int8)), shape=(capacity,))
-        self._seq_ptrs = [self.raw.seq_id[i] for i in range(capacity)]
+        self.token = np.zeros(capacity, dtype=np.int32)  # [capacity]
+        self.pos = np.zeros(capacity, dtype=np.int32)
+        self.n_seq_id = np.ones(capacity, dtype=np.int32)
+        self.seq_id = np.zeros(capacity, dtype=np.int32)
+        self.logits = np.zeros(capacity, dtype=np.int8)
+        i32 = ctypes.POINTER(ctypes.c_int32)
+        base = self.seq_id.ctypes.data
+        self._seq_ptrs = (i32 * capacity)(*[ctypes.cast(base + 4 * i, i32) for i in range(capacity)])
+        self.raw = llama_cpp.llama_batch()
+        self.raw.n_tokens = 0
+        self.raw.token = self.token.ctypes.data_as(i32)
+        self.raw.embd = None
+        self.raw.pos = self.pos.ctypes.data_as(i32)
+        self.raw.n_seq_id = self.n_seq_id.ctypes.data_as(i32)
+        self.raw.seq_id = self._seq_ptrs
+        self.raw.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+
+    @property
+    def num_tokens(self) -> int:
+        return self.raw.n_tokens
 
     def fill(self, tokens, positions, seq_ids, want_logits) -> None:
+        """Rows 0..n-1: token, position, sequence, whether to compute its logits (sequences of
+        equal length; scalars broadcast)."""
         n = len(tokens)
         if n > self.capacity:
             raise ValueError(f"batch of {n} tokens exceeds capacity {self.capacity}")
         self.raw.n_tokens = n
         self.token[:n] = tokens
         self.pos[:n] = positions
-        self.n_seq_id[:n] = 1
+        self.seq_id[:n] = seq_ids
         self.logits[:n] = want_logits
-        for i, s in enumerate(seq_ids):
-            self._seq_ptrs[i][0] = s
 
     def close(self) -> None:
-        if getattr(self, "raw", None) is not None:
-            llama_cpp.llama_batch_free(self.raw)
-            self.raw = None
+        self.raw = None  # numpy owns the memory; nothing native to free
 
     __del__ = close
 
