@@ -21,7 +21,9 @@ from homelab_disagg.config import DecodeWorkerConfig
 from homelab_disagg.errors import CapacityError, RequestError
 from homelab_disagg.model import read_model_info
 from wire import frame, messages, transport
-from wire.messages import Admit, Admitted, Cancel, Failed, Finished, Ping, Pong, Refused, Tokenize, Tokenized, Tokens
+from wire.messages import (
+    Admit, Admitted, Cancel, Detokenize, Detokenized, Failed, Finished, Ping, Pong, Refused, Tokenize, Tokenized, Tokens,
+)
 
 log = logging.getLogger("decode")
 
@@ -82,6 +84,8 @@ class DecodeWorker:
                     transport.reply(self.control, identity, Tokenized(msg.request_id, ids))
                 except RequestError as e:
                     transport.reply(self.control, identity, Failed(msg.request_id, str(e), "bad_request"))
+            elif isinstance(msg, Detokenize):
+                transport.reply(self.control, identity, self.detokenize(msg))
 
     def admit(self, identity: bytes, msg: Admit) -> None:
         try:
@@ -95,6 +99,23 @@ class DecodeWorker:
             transport.reply(self.control, identity, Refused(msg.request_id, str(e), code))
             return
         transport.reply(self.control, identity, Admitted(msg.request_id, ids, seq.slot))
+
+    def detokenize(self, msg: Detokenize):
+        """Pieces per token for tokens sampled elsewhere; an incomplete UTF-8 tail moves to the next."""
+        model, pieces, is_eog, pending = self.engine.model, [], [], b""
+        if any(not 0 <= int(t) < model.n_vocab for t in msg.token_ids):
+            return Failed(msg.request_id, f"token ids must be in 0..{model.n_vocab - 1}", "bad_request")
+        for tok in map(int, msg.token_ids):
+            eog = model.is_eog(tok)
+            data = pending + (b"" if eog else model.token_bytes(tok))
+            try:
+                text, pending = data.decode("utf-8"), b""
+            except UnicodeDecodeError as e:
+                keep = e.start > 0 or len(data) < 4  # an incomplete multi-byte tail: hold it back
+                text, pending = (data[: e.start].decode("utf-8"), data[e.start :]) if keep else (data.decode("utf-8", "replace"), b"")
+            pieces.append(text)
+            is_eog.append(eog)
+        return Detokenized(msg.request_id, pieces, is_eog)
 
     def cancel(self, request_id: bytes) -> None:
         self.assemblies.pop(request_id, None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -99,6 +100,70 @@ def run(
         report.print_and_save(results, meta, out, console, json_out)
     except DisaggError as e:
         _fail(e)
+
+
+def _interrupt(_signum, _frame) -> None:
+    raise KeyboardInterrupt
+
+
+@app.command()
+def serve(
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    architecture: Annotated[Optional[str], typer.Option(help="disaggregated, colocated-cpu, colocated-gpu or replicated. Default: the lab's (disaggregated).")] = None,
+    host: Annotated[Optional[str], typer.Option(help="HTTP address. Default: the lab's http_host, else 127.0.0.1.")] = None,
+    port: Annotated[Optional[int], typer.Option(help="HTTP port. Default: the lab's http_port, else 8000.")] = None,
+    served_model_name: Annotated[Optional[str], typer.Option(help="Model id in the API. Default: the GGUF's name.")] = None,
+    records: Annotated[Optional[Path], typer.Option(help="Append one record per request (TTFT breakdown) here: JSON lines, or CSV if it ends in .csv.")] = None,
+    device: Annotated[str, typer.Option(help="Local prefill worker's device: auto, cuda or cpu.")] = "auto",
+    decode_workers: Annotated[int, typer.Option(help="Local decode worker processes.")] = 1,
+    slots: Annotated[int, typer.Option(help="Local decode workers' sequence slots.")] = 8,
+    max_queue: Annotated[int, typer.Option(help="Local decode workers' admitted requests beyond the slots.")] = 32,
+    slot_ctx: Annotated[int, typer.Option(help="Local decode workers' context tokens per slot.")] = 2048,
+    codec: Annotated[Optional[str], typer.Option(help="KV codec on the wire. Default: the lab's (f16).")] = None,
+    log_level: Annotated[str, typer.Option(help="HTTP server log level.")] = "warning",
+) -> None:
+    """OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics).
+    Without --config it starts a prefill and decode worker on this machine; with --config it routes
+    to the lab's workers."""
+    try:
+        from coordinator.core import Coordinator
+        from coordinator.launcher import LocalLab
+        from coordinator.server import ServeOptions, serve_async
+        from homelab_disagg.config import ARCHITECTURES, ConfigError, LabConfig, load_lab
+
+        if architecture is not None and architecture not in ARCHITECTURES:
+            raise ConfigError(f"--architecture {architecture!r} is not one of {', '.join(ARCHITECTURES)}")
+        # SIGTERM ends the server like Ctrl-C, so the local workers are stopped on the way out
+        # (uvicorn re-raises the signal after its graceful shutdown)
+        signal.signal(signal.SIGTERM, _interrupt)
+        local = None
+        if config is not None:
+            lab = load_lab(config)
+        else:
+            arch = architecture or LabConfig().architecture
+            local = LocalLab(_model_path(model), prefill_args=["--device", device], num_decode=decode_workers,
+                             decode_args=["--slots", str(slots), "--max-queue", str(max_queue), "--slot-ctx", str(slot_ctx)])
+            with console.status("starting worker processes on this machine (first start converts the GGUF once)"):
+                lab = local.start(with_prefill=arch != "colocated-cpu")
+        changes = {k: v for k, v in (("architecture", architecture), ("http_host", host), ("http_port", port),
+                                     ("codec", codec)) if v is not None}
+        lab = lab.with_(**changes)
+        opts = ServeOptions(lab.http_host, lab.http_port, served_model_name, records, log_level)
+
+        def ready(url: str) -> None:
+            workers = ", ".join(f"{e.name}" for e in lab.prefill + lab.decode)
+            console.print(f"serving {lab.architecture} on {url}/v1 (workers: {workers}); Ctrl-C stops", highlight=False)
+
+        try:
+            asyncio.run(serve_async(Coordinator(lab), opts, ready))
+        finally:
+            if local is not None:
+                local.stop()
+    except DisaggError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        pass
 
 
 # --- worker processes -----------------------------------------------------------------------

@@ -106,6 +106,15 @@ class Tokenize:
     messages: list | None = None
 
 
+@message
+class Detokenize:
+    """Token ids -> text pieces with the decode worker's tokenizer (for tokens made elsewhere,
+    e.g. by the prefill engine's colocated Generate). Answered by Detokenized."""
+
+    request_id: bytes
+    token_ids: list
+
+
 # --- coordinator -> prefill worker ------------------------------------------------------------
 
 
@@ -168,6 +177,13 @@ class Admitted:
 class Tokenized:
     request_id: bytes
     token_ids: list
+
+
+@message
+class Detokenized:
+    request_id: bytes
+    pieces: list  # text per token, UTF-8 sequences split across tokens carried to the later token
+    is_eog: list  # per token: end of generation (EOS, end of turn)
 
 
 @message
