@@ -24,6 +24,8 @@ class Geometry:
     row_elems: int
     cache_type: str
     n_stream: int
+    # rotation size of quantized caches; 0 = unknown, then codecs refuse to convert into q8_0/q4_0
+    head_dim: int = 0
 
 
 @dataclass
@@ -70,8 +72,8 @@ def add_layer(geom: Geometry, asm: Assembly, h: frame.FrameHeader, k_payload, v_
     if h.num_tokens != asm.layout.num_cells:
         raise frame.GeometryMismatch(f"layer {h.layer} carries {h.num_tokens} tokens, layer 0 carried {asm.layout.num_cells}")
     codec = codecs.codec_by_id(h.codec)
-    k_rows = codec.decode(k_payload, h.num_tokens, h.row_elems, geom.cache_type)
-    v_rows = codec.decode(v_payload, h.num_tokens, h.row_elems, geom.cache_type)
+    k_rows = codec.decode(k_payload, h.num_tokens, h.row_elems, geom.cache_type, "k", geom.head_dim)
+    v_rows = codec.decode(v_payload, h.num_tokens, h.row_elems, geom.cache_type, "v", geom.head_dim)
     asm.layout.put_layer(asm.buf, h.layer, k_rows, v_rows)
     asm.next_layer += 1
     asm.bytes_wire += len(k_payload) + len(v_payload)

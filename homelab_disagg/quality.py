@@ -117,21 +117,27 @@ class LlamaJudge:
         self.model.close()
 
 
-def torch_state(engine, info, ids: list[int], n_stream: int, cache_type: str = "f16", rope_layout: str | None = None) -> bytearray:
-    """Prefill ids with the torch engine and lay its KV into a llama.cpp state buffer (f16 rows).
+def torch_state(engine, info, ids: list[int], n_stream: int, cache_type: str = "f16", rope_layout: str | None = None,
+                codec: str = "f16") -> bytearray:
+    """Prefill ids with the torch engine and lay its KV into a llama.cpp state buffer of `cache_type`
+    rows, through `codec` as the real path does (encode on the prefill device, decode in numpy).
     `rope_layout` overrides the model's (tests use it to show the key mapping matters)."""
-    import torch
-
     from decode_cpu.kv_state import StateLayout
+    from prefill_gpu.kv_encode import ENCODERS
     from prefill_gpu.kv_layout import layer_rows
+    from wire.codecs import get_codec
 
     layout = StateLayout.for_cache(n_stream, len(ids), info.num_layers, info.kv_row_elems, cache_type)
     buf = layout.allocate()
+    encode, wire_codec = ENCODERS[codec], get_codec(codec)
 
     def on_layer(i, k, v):
-        kr, vr = layer_rows(k, v, len(ids), rope_layout or info.rope_layout)
-        # [T, H_kv*D] float16 rows, as the f16 codec ships them
-        layout.put_layer(buf, i, kr.to(torch.float16).cpu().numpy().data, vr.to(torch.float16).cpu().numpy().data)
+        kr, vr = layer_rows(k, v, len(ids), rope_layout or info.rope_layout)  # [T, H_kv*D] each
+        rows = []
+        for role, x in (("k", kr), ("v", vr)):
+            payload = encode(x, role, info.head_dim).cpu().numpy().data
+            rows.append(wire_codec.decode(payload, len(ids), info.kv_row_elems, cache_type, role, info.head_dim))
+        layout.put_layer(buf, i, *rows)
 
     engine.prefill(ids, on_layer)
     return buf

@@ -1,18 +1,125 @@
 """Codec encoders on the prefill device (torch): quantize before the device-to-host copy, so only
 the encoded bytes cross PCIe and the wire. Each must produce exactly the payload that the
-matching wire codec (wire/codecs.py) decodes; tests pin that byte for byte."""
+matching wire codec (wire/codecs.py) decodes; tests pin that byte for byte against the numpy
+reference there, so every step below is the same float32 arithmetic in the same order.
+
+    ENCODERS[name](rows [T, C] float, role "k"|"v", head_dim) -> 1-D payload tensor (same device)
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from wire import codecs, lossless
 
-def encode_f16(rows: torch.Tensor) -> torch.Tensor:
+GROUP = codecs.GROUP
+
+
+def _div(num, den: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    """IEEE float32 division num / den. `scalar / t` in torch is reciprocal(t) * scalar, and CUDA turns
+    `t / scalar` into t * (1/scalar): both round twice, so both operands become tensors first."""
+    as_t = lambda v: v if isinstance(v, torch.Tensor) else torch.full_like(like, v)  # noqa: E731
+    return torch.div(as_t(num), as_t(den))
+
+
+def encode_f16(rows: torch.Tensor, role: str = "k", head_dim: int = 0) -> torch.Tensor:
     """rows: [T, C] any float -> [T, C] float16 (same device)."""
     return rows.to(torch.float16)
 
 
-ENCODERS = {"f16": encode_f16}
+def _fwht(x: torch.Tensor, n: int) -> torch.Tensor:
+    """[T, C] -> float32 [T*C/n, n] with H_n applied to each run of n elements: scale first, then
+    butterflies of stride 1, 2, 4, ... (ggml's CPU arithmetic, as wire.codecs._fwht). The runs are
+    transposed to [n, R] for the butterflies, so each step is one op over long rows."""
+    runs = (x.reshape(-1, n).float() * float(np.float32(1) / np.sqrt(np.float32(n)))).T.contiguous()  # [n, R]
+    r = runs.shape[1]
+    diff = torch.empty((n // 2, r), dtype=torch.float32, device=x.device)
+    h = 1
+    while h < n:
+        pairs = runs.view(n // (2 * h), 2, h * r)  # [pairs, (u, v), h*R]
+        u, v, d = pairs[:, 0], pairs[:, 1], diff.view(n // (2 * h), h * r)
+        torch.sub(u, v, out=d)
+        u.add_(v)
+        v.copy_(d)
+        h *= 2
+    return runs.T.contiguous()
+
+
+def _blocks(rows: torch.Tensor, role: str, head_dim: int) -> torch.Tensor:
+    """[T, C] -> [T*C/32, 32] float32, rotated as llama.cpp rotates a quantized cache of this role."""
+    if rows.shape[-1] % GROUP:
+        raise codecs.CodecError(f"quantized KV rows must be a multiple of {GROUP} elements, got {rows.shape[-1]}")
+    n = codecs.hadamard_size(role, head_dim)
+    x = _fwht(rows, n) if n else rows.float()
+    return x.reshape(-1, GROUP)
+
+
+def _with_scale(d: torch.Tensor, body: torch.Tensor) -> torch.Tensor:
+    """[nb] float32 scales + [nb, k] uint8 -> [nb*(2+k)] uint8 (f16 scale first, little-endian)."""
+    return torch.cat((d.to(torch.float16).view(torch.uint8).view(-1, 2), body), dim=1).view(-1)
+
+
+def encode_q8_0(rows: torch.Tensor, role: str, head_dim: int) -> torch.Tensor:
+    b = _blocks(rows, role, head_dim)
+    amax = b.abs().amax(dim=1)
+    inv = torch.where(amax != 0, _div(127.0, amax, amax), torch.zeros_like(amax))
+    q = torch.round(b * inv[:, None]).to(torch.int8)  # round: half to even, as _mm256_round_ps
+    return _with_scale(_div(amax, 127.0, amax), q.view(torch.uint8))
+
+
+def encode_q4_0(rows: torch.Tensor, role: str, head_dim: int) -> torch.Tensor:
+    b = _blocks(rows, role, head_dim)
+    first = b.gather(1, b.abs().argmax(dim=1, keepdim=True))[:, 0]  # the first element of largest magnitude
+    m = torch.where(b.abs().amax(dim=1) == 0, torch.zeros_like(first), first)  # all zero: d = -0.0, as in C
+    d = _div(m, -8.0, m)
+    inv = torch.where(d != 0, _div(1.0, d, d), torch.zeros_like(d))
+    q = (b * inv[:, None] + 8.5).to(torch.int8).clamp_max(15).to(torch.uint8)  # C's (int8_t) truncates
+    return _with_scale(d, q[:, :16] | (q[:, 16:] << 4))
+
+
+def _kivi_quantize(g: torch.Tensor, dim: int) -> list[torch.Tensor]:
+    """float32 with a group of 32 along dim -> [nibbles, f16 scale, f16 zero] as flat uint8."""
+    mn, mx = g.amin(dim=dim, keepdim=True), g.amax(dim=dim, keepdim=True)
+    scale16, zero16 = _div(mx - mn, 15.0, mn).to(torch.float16), mn.to(torch.float16)
+    scale, zero = scale16.float(), zero16.float()
+    live = scale > 0
+    q = torch.round(_div(g - zero, torch.where(live, scale, torch.ones_like(scale)), g))
+    q = torch.where(live, q.clamp(0, 15), torch.zeros_like(q)).to(torch.uint8)
+    lo, hi = q.chunk(2, dim=dim)
+    return [(lo | (hi << 4)).reshape(-1), scale16.reshape(-1).view(torch.uint8), zero16.reshape(-1).view(torch.uint8)]
+
+
+def encode_kivi4(rows: torch.Tensor, role: str, head_dim: int = 0) -> torch.Tensor:
+    """KIVI int4, layout as wire.codecs.kivi4_encode: K per channel over full groups of 32 tokens, the
+    T % 32 tail tokens and all of V per token over groups of 32 channels."""
+    num_tokens, row_elems = rows.shape
+    if row_elems % GROUP:
+        raise codecs.CodecError(f"quantized KV rows must be a multiple of {GROUP} elements, got {row_elems}")
+    x = rows.float()
+    full = num_tokens // GROUP * GROUP if role == "k" else 0
+    parts = []
+    if full:
+        parts += _kivi_quantize(x[:full].reshape(-1, GROUP, row_elems), dim=1)
+    if full < num_tokens:
+        parts += _kivi_quantize(x[full:].reshape(-1, GROUP), dim=1)
+    return torch.cat(parts)
+
+
+def encode_f16_bp_zstd(rows: torch.Tensor, role: str = "k", head_dim: int = 0) -> torch.Tensor:
+    """Lossless: f16 on the device, then byte planes + zstd on the host (a CPU tensor of the payload)."""
+    host = rows.to(torch.float16).cpu().contiguous()
+    payload = lossless.encode_bp_zstd(host.numpy())
+    return torch.frombuffer(bytearray(payload), dtype=torch.uint8) if len(payload) else torch.empty(0, dtype=torch.uint8)
+
+
+ENCODERS = {
+    "f16": encode_f16,
+    "q8_0": encode_q8_0,
+    "q4_0": encode_q4_0,
+    "kivi4": encode_kivi4,
+    "f16+bp-zstd": encode_f16_bp_zstd,
+}
 
 
 def to_host(t: torch.Tensor) -> tuple[torch.Tensor, object]:
@@ -24,3 +131,4 @@ def to_host(t: torch.Tensor) -> tuple[torch.Tensor, object]:
     event = torch.cuda.Event()
     event.record()
     return host, event
+

@@ -83,14 +83,15 @@ class PrefillWorker:
         num_tokens = len(req.token_ids)
         tracker = SendTracker()
         held: list[transport.LayerJob] = []
-        encode_s = 0.0
+        encode_s, bytes_wire = 0.0, 0
 
         def on_layer(i, k, v):
-            nonlocal encode_s
+            nonlocal encode_s, bytes_wire
             t0 = time.perf_counter()
             k_rows, v_rows = layer_rows(k, v, num_tokens, self.info.rope_layout)  # each [T, H_kv*D]
-            k_host, k_ready = to_host(encode(k_rows))
-            v_host, v_ready = to_host(encode(v_rows))
+            k_host, k_ready = to_host(encode(k_rows, "k", self.info.head_dim))
+            v_host, v_ready = to_host(encode(v_rows, "v", self.info.head_dim))
+            bytes_wire += k_host.nbytes + v_host.nbytes
             header = frame.FrameHeader(
                 req.request_id, self.info.fingerprint, codec.codec_id, i, self.info.num_layers,
                 num_tokens, self.info.kv_row_elems, 0, 0,
@@ -117,7 +118,6 @@ class PrefillWorker:
         self.sender.flush()
         if tracker.error:
             return Failed(req.request_id, f"could not send KV to {req.kv_addr}: {tracker.error}", "kv_send")
-        bytes_wire = codec.payload_bytes(num_tokens, self.info.kv_row_elems) * 2 * self.info.num_layers
         return PrefillDone(
             req.request_id, num_tokens,
             compute_ms=compute_ms - (encode_s * 1e3 if req.layer_streaming else 0.0),

@@ -1,11 +1,32 @@
-"""KV codecs: pure functions from one layer's K/V to payload bytes and back to cache rows.
+"""KV codecs: pure functions from one layer's K or V to payload bytes and back to cache rows.
 
 The wire carries a layer as K and V matrices of shape [num_tokens, row_elems] (row_elems =
 n_kv_heads * head_dim), already in llama.cpp's element order (keys re-interleaved for NORM RoPE
 by the prefill side). A codec turns each matrix into a payload; the decode side turns payloads
 into rows of the llama.cpp cache type, ready to be laid into a sequence state buffer.
 
-Each codec is registered with a one-byte id carried in the frame header.
+    f16     raw f16 rows                                            2     bytes/elem
+    q8_0    llama.cpp's q8_0 blocks, Hadamard-rotated as llama.cpp does  34/32 bytes/elem
+    q4_0    llama.cpp's q4_0 blocks, Hadamard-rotated                     18/32 bytes/elem
+    kivi4   KIVI int4, asymmetric: K per channel over groups of 32 tokens
+            (the last T % 32 tokens per token), V per token over groups of
+            32 channels; f16 scale and zero per group                    20/32 bytes/elem
+    f16+bp-zstd  lossless: the f16 high-byte plane through zstd, low bytes raw (wire/lossless.py)
+
+q8_0/q4_0 payloads are exactly the rows llama.cpp keeps in a cache of that type, so a decode worker
+with that `kv_cache_type` lays them in with no re-layout. Any payload can fill any cache type: the
+decode side dequantizes and, for a quantized cache, rotates and quantizes in numpy.
+
+llama.cpp's rotation (src/llama-kv-cache.cpp, attn_rot_k/attn_rot_v, llama-graph.cpp build_attn):
+a quantized K or V cache holds H @ x per run of n elements of each head, H the orthonormal Sylvester
+Walsh-Hadamard matrix (entries +-1/sqrt(n), H @ H = I). Queries are rotated by the K matrix and the
+attention output by the V matrix, so scores and outputs are unchanged. K uses the largest power of
+two >= 64 dividing head_dim, V always 64, both only when head_dim % 64 == 0 and the decode box does
+not set LLAMA_ATTN_ROT_DISABLE. The CPU backend computes it as a fast transform in float32 (ops.cpp
+ggml_compute_forward_fwht); `rotate` repeats that arithmetic so the bits agree.
+
+The numpy encoders here are the reference: prefill_gpu/kv_encode.py computes the same bytes in torch
+on the prefill device, and tests pin the two together. This module imports no engine.
 """
 
 from __future__ import annotations
@@ -14,6 +35,16 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+
+from wire import lossless
+
+GROUP = 32  # elements per quantization block (q8_0, q4_0) and per KIVI group
+BLOCK_BYTES = {"q8_0": 34, "q4_0": 18}  # f16 scale + 32 int8 / 16 bytes of nibbles
+KIVI4_GROUP_BYTES = 20  # 16 bytes of nibbles + f16 scale + f16 zero
+CACHE_TYPES = ("f16", "q8_0", "q4_0")
+ROLES = ("k", "v")
+
+_F32 = np.float32
 
 
 class CodecError(ValueError):
@@ -24,27 +55,319 @@ class CodecError(ValueError):
 class Codec:
     name: str
     codec_id: int
-    # encode(x: [T, C] float16|float32) -> payload bytes-like
-    encode: Callable[[np.ndarray], object]
-    # decode(payload, num_tokens, row_elems, cache_type) -> cache rows (bytes-like, T rows)
-    decode: Callable[[memoryview, int, int, str], object]
-    # payload bytes for a [T, C] matrix
+    # encode(x: [T, C] float16|float32, role "k"|"v", head_dim) -> payload bytes-like
+    encode: Callable[[np.ndarray, str, int], object]
+    # decode(payload, num_tokens, row_elems, cache_type, role, head_dim) -> cache rows (bytes-like, T rows)
+    decode: Callable[[memoryview, int, int, str, str, int], object]
+    # payload bytes for a [T, C] matrix (an upper bound for a variable-size codec)
     payload_bytes: Callable[[int, int], int]
-    # cache types the decode side can produce from this payload
-    cache_types: tuple[str, ...]
+    # the cache type whose rows the payload already is (None: always converted)
+    native_cache_type: str | None
+    is_lossless: bool
+    cache_types: tuple[str, ...] = CACHE_TYPES
 
 
-def _f16_encode(x: np.ndarray):
-    # x: [T, C]; a contiguous float16 array is sent as is (its buffer, no copy)
-    return np.ascontiguousarray(x, dtype=np.float16).data
+# --- llama.cpp's block formats, Hadamard rotation included --------------------------------------
+# Work happens in a "runs" layout: [n, R] float32, column r holding elements r*n .. r*n+n-1 of the
+# flattened [T, C] matrix (n = rotation size, or 32). Every step (rotation butterflies, block max,
+# scaling, rounding) is then a numpy op over long contiguous rows; doing the same on [.., 32] rows
+# is 5-20x slower in numpy.
 
 
-def _f16_decode(payload, num_tokens: int, row_elems: int, cache_type: str):
-    if cache_type != "f16":
-        raise CodecError(f"codec f16 cannot fill a {cache_type} cache yet; start the decode worker with --kv-type f16")
-    if len(payload) != num_tokens * row_elems * 2:
-        raise CodecError(f"f16 payload is {len(payload)} bytes, expected {num_tokens * row_elems * 2}")
-    return payload
+def hadamard_size(role: str, head_dim: int) -> int:
+    """Run length n of llama.cpp's rotation of a quantized K or V cache; 0 when it does not rotate."""
+    if head_dim <= 0:
+        raise CodecError("the model's head_dim is unknown here, so KV cannot be rotated for a quantized cache")
+    if head_dim % 64:
+        return 0
+    if role == "v":
+        return 64
+    n = 64
+    while head_dim % (2 * n) == 0:
+        n *= 2
+    return n
+
+
+def _check_row_elems(row_elems: int, n: int = GROUP) -> None:
+    if row_elems % GROUP or row_elems % n:
+        raise CodecError(f"quantized KV rows must be a multiple of {max(n, GROUP)} elements, got {row_elems}")
+
+
+def _runs(x: np.ndarray, n: int) -> np.ndarray:
+    """[T, C] -> [n, T*C/n] float32 (a fresh array)."""
+    _check_row_elems(x.shape[-1], n)
+    return np.ascontiguousarray(np.asarray(x, dtype=_F32).reshape(-1, n).T)
+
+
+def _unruns(runs: np.ndarray, num_tokens: int, dtype) -> np.ndarray:
+    """[n, R] -> [T, C] of dtype."""
+    n, r = runs.shape
+    out = np.empty((r, n), dtype=dtype)
+    out[...] = runs.T
+    return out.reshape(num_tokens, -1)
+
+
+def _fwht(runs: np.ndarray) -> np.ndarray:
+    """H_n down each column of [n, R], in place: the orthonormal Sylvester Walsh-Hadamard matrix, its
+    own inverse. Scale first, then butterflies of stride 1, 2, 4, ...: ggml's CPU arithmetic
+    (ggml_compute_forward_fwht), so the float32 bits agree."""
+    n, r = runs.shape
+    runs *= _F32(1) / np.sqrt(_F32(n))
+    h = 1
+    while h < n:
+        pairs = runs.reshape(n // (2 * h), 2, h * r)  # [pairs, (u, v), h*R]
+        u, v = pairs[:, 0], pairs[:, 1]
+        diff = u - v
+        u += v
+        v[...] = diff
+        h *= 2
+    return runs
+
+
+def rotate(x: np.ndarray, n: int) -> np.ndarray:
+    """[T, C] float -> [T, C] float32 with H_n applied to each run of n elements (n = 0: unchanged)."""
+    if n == 0:
+        return np.asarray(x, dtype=_F32)
+    return _unruns(_fwht(_runs(x, n)), x.shape[0], _F32)
+
+
+def _pack_blocks(d: np.ndarray, body: np.ndarray, num_tokens: int) -> np.ndarray:
+    """d: [n/32, R] float32 scales, body: [n/32, k, R] uint8 -> [T, C/32*(2+k)] uint8 rows
+    (each block: f16 scale, then k bytes; blocks in element order)."""
+    nb, k, r = body.shape
+    out = np.empty((r, nb, 2 + k), dtype=np.uint8)
+    out[:, :, :2] = d.astype("<f2").view(np.uint8).reshape(nb, r, 2).transpose(1, 0, 2)
+    out[:, :, 2:] = body.transpose(2, 0, 1)
+    return out.reshape(num_tokens, -1)
+
+
+def _q8_0_rows(runs: np.ndarray, num_tokens: int) -> np.ndarray:
+    """q8_0 as llama.cpp's x86 quantize_row_q8_0 (what the CPU backend stores into a q8_0 cache):
+    d = amax/127 stored as f16, q = round-half-even(x * (127/amax)). The reference
+    quantize_row_q8_0_ref (id = 1/d, round half away) differs in rare last-bit cases."""
+    b = runs.reshape(-1, GROUP, runs.shape[1])  # [blocks in a run, 32, R]
+    amax = np.maximum(b.max(axis=1), -b.min(axis=1))
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax != 0, _F32(127) / amax, _F32(0)).astype(_F32)
+    q = np.rint(b * inv[:, None, :]).astype(np.int8)
+    return _pack_blocks(amax / _F32(127), q.view(np.uint8), num_tokens)
+
+
+def _q4_0_rows(runs: np.ndarray, num_tokens: int) -> np.ndarray:
+    """q4_0 as quantize_row_q4_0_ref: m = the element of largest magnitude (the first on ties),
+    d = m / -8, q = min(15, trunc(x/d + 8.5)); byte j of a block holds q[j] | q[j+16] << 4."""
+    b = runs.reshape(-1, GROUP, runs.shape[1])
+    mx, mn = b.max(axis=1), b.min(axis=1)
+    m = np.where(mx >= -mn, mx, mn)
+    tied = np.nonzero(mx == -mn)  # +a and -a both present: the first wins; all zero: +0 (so d = -0.0, as in C)
+    if tied[0].size:
+        col = b[tied[0], :, tied[1]]  # [ties, 32]
+        first = col[np.arange(len(col)), np.abs(col).argmax(axis=1)]
+        m[tied] = np.where(mx[tied] == 0, _F32(0), first)
+    d = m / _F32(-8)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d != 0, _F32(1) / d, _F32(0)).astype(_F32)
+    q = np.minimum((b * inv[:, None, :] + _F32(8.5)).astype(np.int8), 15).view(np.uint8)
+    return _pack_blocks(d, q[:, :16] | (q[:, 16:] << 4), num_tokens)
+
+
+def _block_runs(rows, num_tokens: int, row_elems: int, cache_type: str, n: int) -> np.ndarray:
+    """q8_0/q4_0 rows -> [n, R] float32 runs of dequantized values (still in the stored basis)."""
+    bb = BLOCK_BYTES[cache_type]
+    blocks = np.frombuffer(rows, dtype=np.uint8).reshape(-1, n // GROUP, bb)  # [R, blocks in a run, bb]
+    d = blocks[:, :, :2].copy().view("<f2")[..., 0].T.astype(_F32)  # [blocks in a run, R]
+    out = np.empty((n // GROUP, GROUP, blocks.shape[0]), dtype=_F32)
+    if cache_type == "q8_0":
+        out[...] = blocks[:, :, 2:].view(np.int8).transpose(1, 2, 0)
+    else:
+        nib = blocks[:, :, 2:].transpose(1, 2, 0)
+        out[:, :16] = nib & 15
+        out[:, 16:] = nib >> 4
+        out -= _F32(8)
+    out *= d[:, None, :]
+    return out.reshape(n, -1)
+
+
+def quantize_rows(x: np.ndarray, cache_type: str, role: str, head_dim: int) -> np.ndarray:
+    """[T, C] float -> llama.cpp q8_0/q4_0 cache rows, rotated as llama.cpp rotates that role."""
+    n = hadamard_size(role, head_dim)
+    runs = _fwht(_runs(x, n)) if n else _runs(x, GROUP)
+    return (_q8_0_rows if cache_type == "q8_0" else _q4_0_rows)(runs, x.shape[0])
+
+
+def quantize_q8_0(x: np.ndarray) -> np.ndarray:
+    """[T, C] float -> q8_0 rows, no rotation."""
+    return _q8_0_rows(_runs(x, GROUP), x.shape[0])
+
+
+def quantize_q4_0(x: np.ndarray) -> np.ndarray:
+    return _q4_0_rows(_runs(x, GROUP), x.shape[0])
+
+
+def dequantize_rows(rows, num_tokens: int, row_elems: int, cache_type: str, role: str, head_dim: int) -> np.ndarray:
+    """q8_0/q4_0 cache rows -> [T, C] float32 in the model's basis (rotation undone)."""
+    n = hadamard_size(role, head_dim)
+    runs = _block_runs(rows, num_tokens, row_elems, cache_type, n or GROUP)
+    return _unruns(_fwht(runs) if n else runs, num_tokens, _F32)
+
+
+# --- KIVI int4 -------------------------------------------------------------------------------------
+
+
+def _kivi_quantize(g: np.ndarray, axis: int):
+    """g: float32 with a group of 32 along `axis` -> (nibbles with 16 along axis: q[i] | q[i+16] << 4,
+    scale f16, zero f16), both with `axis` removed. x ~ q * scale + zero, q in 0..15."""
+    mn, mx = g.min(axis=axis, keepdims=True), g.max(axis=axis, keepdims=True)
+    scale16, zero16 = ((mx - mn) / _F32(15)).astype("<f2"), mn.astype("<f2")
+    scale, zero = scale16.astype(_F32), zero16.astype(_F32)
+    q = np.rint((g - zero) / np.where(scale > 0, scale, _F32(1)))
+    q = np.where(scale > 0, np.clip(q, 0, 15), 0).astype(np.uint8)
+    lo, hi = np.split(q, 2, axis=axis)
+    return lo | (hi << 4), scale16.squeeze(axis), zero16.squeeze(axis)
+
+
+def _kivi_dequantize(nib: np.ndarray, scale, zero, axis: int) -> np.ndarray:
+    shape = list(nib.shape)
+    shape[axis] *= 2
+    q = np.empty(shape, dtype=_F32)
+    half = nib.shape[axis]
+    lo = [slice(None)] * len(shape)
+    hi = list(lo)
+    lo[axis], hi[axis] = slice(0, half), slice(half, None)
+    q[tuple(lo)] = nib & 15
+    q[tuple(hi)] = nib >> 4
+    q *= np.expand_dims(np.asarray(scale, dtype=_F32), axis)
+    q += np.expand_dims(np.asarray(zero, dtype=_F32), axis)
+    return q
+
+
+def _kivi_sizes(num_tokens: int, row_elems: int, role: str) -> tuple[int, int]:
+    """(tokens quantized per channel, tokens quantized per token)."""
+    full = num_tokens // GROUP * GROUP if role == "k" else 0
+    return full, num_tokens - full
+
+
+def kivi4_payload_bytes(num_tokens: int, row_elems: int) -> int:
+    return num_tokens * row_elems // GROUP * KIVI4_GROUP_BYTES
+
+
+def kivi4_encode(x: np.ndarray, role: str, head_dim: int = 0) -> bytes:
+    """[T, C] -> payload. K: [G, 16, C] nibbles, [G, C] scales, [G, C] zeros for the G = T//32 full
+    token groups, then the T % 32 tail tokens per token; V: all tokens per token, as
+    [T*C/32, 16] nibbles, [T*C/32] scales, [T*C/32] zeros."""
+    num_tokens, row_elems = x.shape
+    _check_row_elems(row_elems)
+    x = np.asarray(x, dtype=_F32)
+    full, _ = _kivi_sizes(num_tokens, row_elems, role)
+    parts = []
+    if full:
+        parts += _kivi_quantize(x[:full].reshape(-1, GROUP, row_elems), axis=1)
+    if full < num_tokens:
+        parts += _kivi_quantize(x[full:].reshape(-1, GROUP), axis=1)
+    return b"".join(np.ascontiguousarray(p).tobytes() for p in parts)
+
+
+def kivi4_dequantize(payload, num_tokens: int, row_elems: int, role: str) -> np.ndarray:
+    """payload -> [T, C] float32."""
+    buf = np.frombuffer(payload, dtype=np.uint8)
+    full, tail = _kivi_sizes(num_tokens, row_elems, role)
+    out = np.empty((num_tokens, row_elems), dtype=_F32)
+    off = 0
+
+    def take(n, dtype="u1"):
+        nonlocal off
+        a = buf[off : off + n * np.dtype(dtype).itemsize].view(dtype)
+        off += n * np.dtype(dtype).itemsize
+        return a
+
+    if full:
+        g = full // GROUP
+        nib, scale, zero = take(g * 16 * row_elems), take(g * row_elems, "<f2"), take(g * row_elems, "<f2")
+        out[:full] = _kivi_dequantize(
+            nib.reshape(g, 16, row_elems), scale.reshape(g, row_elems), zero.reshape(g, row_elems), axis=1
+        ).reshape(full, row_elems)
+    if tail:
+        n = tail * row_elems // GROUP
+        nib, scale, zero = take(n * 16), take(n, "<f2"), take(n, "<f2")
+        out[full:] = _kivi_dequantize(nib.reshape(n, 16), scale, zero, axis=1).reshape(tail, row_elems)
+    return out
+
+
+# --- from decoded values to the decode side's cache rows ----------------------------------------
+
+
+def to_cache_rows(x: np.ndarray, cache_type: str, role: str, head_dim: int) -> np.ndarray:
+    """[T, C] float32 in the model's basis -> rows of a llama.cpp cache of `cache_type`."""
+    if cache_type == "f16":
+        return x.astype("<f2")
+    return quantize_rows(x, cache_type, role, head_dim)
+
+
+def _check_args(name, payload, expected, num_tokens, row_elems, cache_type, role):
+    if role not in ROLES:
+        raise CodecError(f"KV role {role!r} is not one of {ROLES}")
+    if cache_type not in CACHE_TYPES:
+        raise CodecError(f"codec {name} cannot fill a {cache_type!r} cache: known cache types {CACHE_TYPES}")
+    n = memoryview(payload).nbytes
+    if n != expected:
+        raise CodecError(f"{name} payload is {n} bytes, expected {expected} for {num_tokens} x {row_elems}")
+
+
+def _f16_encode(x: np.ndarray, role: str, head_dim: int):
+    # a contiguous float16 array is sent as is (its buffer, no copy)
+    return np.ascontiguousarray(x, dtype="<f2").data
+
+
+def _f16_decode(payload, num_tokens, row_elems, cache_type, role, head_dim):
+    _check_args("f16", payload, num_tokens * row_elems * 2, num_tokens, row_elems, cache_type, role)
+    if cache_type == "f16":
+        return payload
+    x = np.frombuffer(payload, dtype="<f2").reshape(num_tokens, row_elems).astype(_F32)
+    return quantize_rows(x, cache_type, role, head_dim)
+
+
+def _block_codec(name: str):
+    """q8_0 / q4_0: the payload is that cache type's rows, rotated as llama.cpp rotates."""
+
+    def payload_bytes(num_tokens, row_elems):
+        return num_tokens * row_elems // GROUP * BLOCK_BYTES[name]
+
+    def encode(x: np.ndarray, role: str, head_dim: int):
+        return quantize_rows(x, name, role, head_dim).data
+
+    def decode(payload, num_tokens, row_elems, cache_type, role, head_dim):
+        _check_args(name, payload, payload_bytes(num_tokens, row_elems), num_tokens, row_elems, cache_type, role)
+        if cache_type == name:
+            return payload
+        if cache_type == "f16":
+            return dequantize_rows(payload, num_tokens, row_elems, name, role, head_dim).astype("<f2")
+        # q8_0 <-> q4_0: both caches hold the same rotation, so requantize without undoing it
+        n = hadamard_size(role, head_dim) or GROUP
+        runs = _block_runs(payload, num_tokens, row_elems, name, n)
+        return (_q8_0_rows if cache_type == "q8_0" else _q4_0_rows)(runs, num_tokens)
+
+    return encode, decode, payload_bytes
+
+
+def _kivi4_decode(payload, num_tokens, row_elems, cache_type, role, head_dim):
+    _check_args("kivi4", payload, kivi4_payload_bytes(num_tokens, row_elems), num_tokens, row_elems, cache_type, role)
+    return to_cache_rows(kivi4_dequantize(payload, num_tokens, row_elems, role), cache_type, role, head_dim)
+
+
+def _bp_zstd_encode(x: np.ndarray, role: str, head_dim: int):
+    return lossless.encode_bp_zstd(x)
+
+
+def _bp_zstd_decode(payload, num_tokens, row_elems, cache_type, role, head_dim):
+    if role not in ROLES or cache_type not in CACHE_TYPES:
+        raise CodecError(f"codec f16+bp-zstd cannot fill a {cache_type!r} cache for role {role!r}")
+    try:
+        x = lossless.decode_bp_zstd(payload, num_tokens * row_elems)
+    except lossless.LosslessError as e:
+        raise CodecError(str(e)) from None
+    if cache_type == "f16":
+        return x.data
+    return quantize_rows(x.reshape(num_tokens, row_elems).astype(_F32), cache_type, role, head_dim)
 
 
 CODECS: dict[str, Codec] = {}
@@ -55,7 +378,12 @@ def register(codec: Codec) -> Codec:
     return codec
 
 
-F16 = register(Codec("f16", 1, _f16_encode, _f16_decode, lambda t, c: t * c * 2, ("f16",)))
+F16 = register(Codec("f16", 1, _f16_encode, _f16_decode, lambda t, c: t * c * 2, "f16", True))
+Q8_0 = register(Codec("q8_0", 2, *_block_codec("q8_0"), "q8_0", False))
+Q4_0 = register(Codec("q4_0", 3, *_block_codec("q4_0"), "q4_0", False))
+KIVI4 = register(Codec("kivi4", 4, kivi4_encode, _kivi4_decode, kivi4_payload_bytes, None, False))
+F16_BP_ZSTD = register(Codec("f16+bp-zstd", 5, _bp_zstd_encode, _bp_zstd_decode,
+                             lambda t, c: lossless.max_payload_bytes(t * c), "f16", True))
 
 
 def get_codec(name: str) -> Codec:
