@@ -16,7 +16,7 @@ Header layout (little-endian, 68 bytes):
       4   2  version        1
       6   1  kind           0 = layer, 1 = abort (sender gave up on this request)
       7   1  codec          wire.codecs id
-      8  16  request_id     uuid bytes
+      8  16  request_id     uuid bytes (magic, version, request_id: fixed offsets in every version)
      24   8  fingerprint    model fingerprint (homelab_disagg.model.fingerprint)
      32   2  layer          0-based
      34   2  num_layers
@@ -119,9 +119,11 @@ def unpack_header(buf) -> FrameHeader:
         raise CorruptFrame(f"KV frame magic is {bytes(buf[:4])!r}, expected {MAGIC!r}: not a homelab-disagg KV frame")
     version = struct.unpack_from("<H", buf, 4)[0]
     if version != VERSION:
-        raise VersionMismatch(
+        e = VersionMismatch(
             f"KV frame version {version}, this worker speaks {VERSION}: run the same homelab-disagg version on both boxes"
         )
+        e.request_id = bytes(buf[8:24])  # magic, version and request_id keep their offsets in every version
+        raise e
     if len(buf) != HEADER_BYTES:
         raise CorruptFrame(f"KV frame header is {len(buf)} bytes, expected {HEADER_BYTES}")
     (crc,) = _CRC.unpack_from(buf, _BODY.size)

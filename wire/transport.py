@@ -40,7 +40,7 @@ def bind_kv_pull(ctx: zmq.Context, addr: str) -> zmq.Socket:
     sock = ctx.socket(zmq.PULL)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVHWM, KV_HWM_LAYERS * 3)
-    sock.setsockopt(zmq.RCVBUF, KV_SOCKET_BUFFER_BYTES)
+    # RCVBUF left to the kernel: an explicit SO_RCVBUF disables TCP autotuning (and is clamped to rmem_max)
     sock.bind(addr)
     return sock
 
@@ -92,7 +92,7 @@ class KvSender:
         if sock is None:
             sock = self._ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.SNDHWM, KV_HWM_LAYERS * 3)
-            sock.setsockopt(zmq.SNDBUF, KV_SOCKET_BUFFER_BYTES)
+            # SNDBUF left to the kernel: an explicit SO_SNDBUF disables TCP autotuning
             sock.setsockopt(zmq.SNDTIMEO, self._send_timeout_ms)
             sock.setsockopt(zmq.LINGER, 5000)
             sock.connect(addr)

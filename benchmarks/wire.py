@@ -1,0 +1,279 @@
+"""`homelab-disagg bench wire`: the KV transport against a plain TCP socket, and layer overlap.
+
+Three measurements, each side by side with its baseline in the same run:
+1. goodput: our KV stream (frames, XXH3 check, copy into the state buffer on arrival) vs a plain
+   socket moving the same bytes between the same two hosts: loopback, and link-lab namespaces
+   shaped to 1 and 10 Gbit (where namespaces can be made);
+2. overlap: real prefill and decode workers on either side of a 1 Gbit link, a prompt of >= 1024
+   tokens: how long after the prefill's forward pass the last KV layer lands at the decode worker,
+   with layer streaming and without it (whole-request transfer after the forward pass);
+3. the time of one layer's transfer on that link, the bound the overlap is held to.
+
+Roles (`python -m benchmarks.wire kv-sink|kv-source|overlap-client ...`) run as processes in the
+namespaces; the monotonic clock is shared by every process on the machine, so start and end
+stamps from different processes subtract.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+LAYER_BYTES = 1024 * 768 * 2  # K+V of one SmolLM2 layer for a 1024-token prompt, f16
+
+
+# --- roles ------------------------------------------------------------------------------------
+
+
+def role_kv_sink(ip: str, num_layers: str) -> None:
+    """Receive num_layers KV frames, check each, copy its payload into a state-sized buffer."""
+    import zmq
+
+    from wire import frame, transport
+
+    n = int(num_layers)
+    zctx = zmq.Context()
+    pull = transport.bind_kv_pull(zctx, f"tcp://{ip}:0")
+    port = pull.getsockopt(zmq.LAST_ENDPOINT).decode().rsplit(":", 1)[1]
+    print(json.dumps({"port": int(port)}), flush=True)
+    state = bytearray(LAYER_BYTES * 2)  # a reused landing area: the decode worker's one copy per byte
+    got = 0
+    t_first = 0.0
+    for _ in range(n):
+        parts = pull.recv_multipart(copy=False)
+        t_first = t_first or time.monotonic()
+        h, k, v = frame.decode_message([p.buffer for p in parts])
+        state[: h.k_nbytes] = k
+        state[h.k_nbytes : h.k_nbytes + h.v_nbytes] = v
+        got += h.k_nbytes + h.v_nbytes
+    print(json.dumps({"nbytes": got, "t_first": t_first, "t_last": time.monotonic()}), flush=True)
+
+
+def role_kv_source(ip: str, port: str, layer_bytes: str, num_layers: str) -> None:
+    """Send num_layers frames of layer_bytes (K+V) through the prefill worker's KvSender."""
+    import zmq
+
+    from wire import frame, transport
+
+    half = int(layer_bytes) // 2
+    k, v = memoryview(os.urandom(half)), memoryview(os.urandom(half))
+    sender = transport.KvSender(zmq.Context())
+    addr = f"tcp://{ip}:{port}"
+    t_start = time.monotonic()
+    for i in range(int(num_layers)):
+        h = frame.FrameHeader(i.to_bytes(16, "little"), b"\0" * 8, 1, i % 30, 30, 1024, 384, 0, 0)
+        sender.submit(transport.LayerJob(addr, h, k, v))
+    sender.flush()
+    print(json.dumps({"t_start": t_start}), flush=True)
+    sender.close()
+
+
+def role_overlap_client(lab_json: str, prompt_tokens: str, repeats: str) -> None:
+    """In the gpu namespace: run long-prompt requests disaggregated (streaming on and off) and on
+    the prefill engine alone; print their records as JSON."""
+    from coordinator.core import Coordinator, GenerationRequest
+    from coordinator.records import RequestRecord
+    from homelab_disagg.config import DecodeEndpoint, LabConfig, PrefillEndpoint
+    from homelab_disagg.workload import make_prompt
+    from wire.messages import Sampling
+
+    cfg = json.loads(lab_json)
+    lab = LabConfig(prefill=(PrefillEndpoint("gpu", cfg["prefill"]),),
+                    decode=(DecodeEndpoint("cpu", cfg["decode"], cfg["kv"]),), request_timeout_s=300)
+
+    async def go():
+        out = {}
+        for streaming in (True, False):
+            coord = Coordinator(lab.with_(layer_streaming=streaming))
+            await coord.start(timeout_s=30)
+            ids = await coord.tokenize(make_prompt(int(prompt_tokens) + 40))
+            ids = ids[: int(prompt_tokens) + 1]  # +1: the KV covers all but the last token
+            runs = {"disaggregated": [], "colocated-gpu": []}
+            for i in range(int(repeats) + 1):  # the first of each is a warm-up
+                for arch in runs:
+                    rec = RequestRecord("", arch)
+                    req = GenerationRequest(token_ids=ids, sampling=Sampling(max_tokens=2, ignore_eos=True),
+                                            architecture=arch)
+                    async for _ in coord.generate(req, rec):
+                        pass
+                    if i:
+                        runs[arch].append(rec.__dict__ | {"text": ""})
+            out["streaming" if streaming else "whole"] = runs
+            await coord.close()
+        return out
+
+    print(json.dumps(asyncio.run(go())), flush=True)
+
+
+ROLES = {"kv-sink": role_kv_sink, "kv-source": role_kv_source, "overlap-client": role_overlap_client}
+
+
+# --- the benchmark ----------------------------------------------------------------------------
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+            "PYTHONUNBUFFERED": "1"}
+
+
+def _spawn(lab, ns: str | None, argv: list[str]) -> subprocess.Popen:
+    if lab is not None and ns is not None:
+        return lab.popen(ns, argv, env=_env(), stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen(argv, env=_env(), stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+
+
+def kv_goodput(lab, sink_ip: str, layer_bytes: int, num_layers: int) -> float:
+    """Bytes/s of our KV stream from the gpu side to the cpu side (or loopback when lab is None)."""
+    me = [sys.executable, "-m", "benchmarks.wire"]
+    sink = _spawn(lab, lab and lab.cpu_ns, me + ["kv-sink", sink_ip, str(num_layers)])
+    port = json.loads(sink.stdout.readline())["port"]
+    source = _spawn(lab, lab and lab.gpu_ns, me + ["kv-source", sink_ip, str(port), str(layer_bytes), str(num_layers)])
+    src_out, _ = source.communicate(timeout=600)
+    sink_out, _ = sink.communicate(timeout=60)
+    if source.returncode or sink.returncode:
+        raise RuntimeError(f"kv goodput roles failed: source rc={source.returncode}, sink rc={sink.returncode}")
+    t_start = json.loads(src_out.splitlines()[-1])["t_start"]
+    res = json.loads(sink_out.splitlines()[-1])
+    return res["nbytes"] / (res["t_last"] - t_start)
+
+
+def socket_goodput(lab, sink_ip: str, nbytes: int) -> float:
+    """Bytes/s of a plain TCP socket between the same two hosts (wire.linklab's sink/source roles)."""
+    from wire import linklab
+
+    if lab is not None:
+        return linklab.measure_socket_goodput(lab, nbytes)
+    ll = [sys.executable, "-m", "wire.linklab"]
+    sink = _spawn(None, None, ll + ["sink", sink_ip, str(nbytes)])
+    port = json.loads(sink.stdout.readline())["port"]
+    source = _spawn(None, None, ll + ["source", sink_ip, str(port), str(nbytes)])
+    source.wait(timeout=600)
+    res = json.loads(sink.communicate(timeout=60)[0])
+    return res["nbytes"] / res["seconds"]
+
+
+def side_by_side(lab, sink_ip: str, total_bytes: int, repeats: int) -> tuple[float, float]:
+    """Best-of-`repeats` goodput of the plain socket and of the KV stream, interleaved."""
+    num_layers = max(1, total_bytes // LAYER_BYTES)
+    sock, kv = [], []
+    for _ in range(repeats):
+        sock.append(socket_goodput(lab, sink_ip, num_layers * LAYER_BYTES))
+        kv.append(kv_goodput(lab, sink_ip, LAYER_BYTES, num_layers))
+    return max(sock), max(kv)
+
+
+def overlap(lab, model_path: Path, prompt_tokens: int, repeats: int) -> dict:
+    """Prefill worker in the gpu ns, decode worker in the cpu ns, coordinator in the gpu ns."""
+    from coordinator.launcher import WorkerProcess, wait_ready
+
+    base = [sys.executable, "-m", "homelab_disagg"]
+    pre_ctl, dec_ctl, dec_kv = f"tcp://{lab.gpu_ip}:5550", f"tcp://{lab.cpu_ip}:5560", f"tcp://{lab.cpu_ip}:5561"
+    log_dir = Path(os.environ.get("TMPDIR", "/tmp"))
+    procs = []
+    for ns, name, argv, ctl in (
+        (lab.gpu_ns, "prefill", base + ["prefill-worker", "--model", str(model_path), "--control", pre_ctl], pre_ctl),
+        (lab.cpu_ns, "decode", base + ["decode-worker", "--model", str(model_path), "--control", dec_ctl,
+                                       "--kv", dec_kv, "--slots", "2", "--slot-ctx", "4096"], dec_ctl),
+    ):
+        log = log_dir / f"bench-wire-{name}.log"
+        with open(log, "wb") as f:
+            popen = lab.popen(ns, argv, env=_env(), stdout=f, stderr=subprocess.STDOUT)
+        procs.append(WorkerProcess(name, name, ctl, popen, log))
+    try:
+        client_argv = [sys.executable, "-m", "benchmarks.wire", "overlap-client",
+                       json.dumps({"prefill": pre_ctl, "decode": dec_ctl, "kv": dec_kv}), str(prompt_tokens), str(repeats)]
+        deadline = time.monotonic() + 600
+        while True:  # the workers are only reachable from inside the namespaces: the client retries
+            client = _spawn(lab, lab.gpu_ns, client_argv)
+            out, _ = client.communicate(timeout=900)
+            if client.returncode == 0 or time.monotonic() > deadline or any(p.popen.poll() is not None for p in procs):
+                break
+            time.sleep(5)
+        if client.returncode != 0:
+            raise RuntimeError("overlap client failed:\n" + "\n".join(p.log_tail() for p in procs))
+        return json.loads(out.splitlines()[-1])
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def overlap_figures(runs: dict, layer_transfer_ms: float) -> dict:
+    """Excess of KV-ready time and of TTFT over the prefill's own compute, streaming vs whole."""
+
+    def med(xs):
+        return statistics.median(xs) if xs else 0.0
+
+    out = {"layer_transfer_ms": layer_transfer_ms}
+    for mode, r in runs.items():
+        dis, alone = r["disaggregated"], r["colocated-gpu"]
+        # last KV layer lands, measured from the prefill request, minus the forward pass and encode
+        kv_excess = [x["kv_wait_ms"] - x["admit_ms"] - x["prefill_compute_ms"] - x["encode_ms"] for x in dis]
+        out[f"{mode}_kv_ready_excess_ms"] = med(kv_excess)
+        out[f"{mode}_ttft_ms"] = med([x["ttft_ms"] for x in dis])
+        out[f"{mode}_prefill_compute_ms"] = med([x["prefill_compute_ms"] for x in dis])
+        out[f"{mode}_inject_ms"] = med([x["inject_ms"] for x in dis])
+        out[f"{mode}_first_step_ms"] = med([x["first_step_ms"] for x in dis])
+        out["prefill_alone_ttft_ms"] = med([x["ttft_ms"] for x in alone])
+        out[f"{mode}_ttft_excess_ms"] = out[f"{mode}_ttft_ms"] - out["prefill_alone_ttft_ms"]
+        out["prompt_tokens"] = dis[0]["prompt_tokens"] - 1 if dis else 0
+    out["overlap_excess_ms"] = out.get("streaming_kv_ready_excess_ms", 0.0)
+    return out
+
+
+def run_bench(model_path: Path, loopback_mb: int, link_mb: int, prompt_tokens: int, repeats: int, csv_path,
+              json_out: bool, console) -> dict:
+    from benchmarks.report import emit, table
+    from wire import linklab
+
+    rows, summary = [], {}
+    sock, kv = side_by_side(None, "127.0.0.1", loopback_mb << 20, repeats)
+    rows.append({"link": "loopback", "socket_gbps": sock * 8 / 1e9, "kv_gbps": kv * 8 / 1e9, "kv_vs_socket": kv / sock,
+                 "kv_vs_rate": ""})
+    summary["loopback_vs_socket"] = kv / sock
+    reason = linklab.available()
+    figures = {}
+    if reason:
+        console.print(f"[yellow]link lab unavailable ({reason}): shaped links and overlap not measured[/]")
+    else:
+        for rate in (1, 10):
+            with linklab.link_lab(linklab.LinkSpec(rate)) as lab:
+                sock, kv = side_by_side(lab, lab.cpu_ip, (link_mb * rate) << 20, repeats)
+            rate_bps = rate * 1e9 / 8
+            rows.append({"link": f"{rate} Gbit", "socket_gbps": sock * 8 / 1e9, "kv_gbps": kv * 8 / 1e9,
+                         "kv_vs_socket": kv / sock, "kv_vs_rate": kv / rate_bps})
+            summary[f"link_{rate}gbit_efficiency"] = kv / rate_bps
+            summary[f"link_{rate}gbit_socket_efficiency"] = sock / rate_bps
+            if rate == 1:
+                socket_1g = sock
+        with linklab.link_lab(linklab.LinkSpec(1)) as lab:
+            runs = overlap(lab, model_path, prompt_tokens, repeats)
+        from homelab_disagg.model import read_model_info
+
+        layer_bytes = prompt_tokens * read_model_info(model_path).kv_row_elems * 2 * 2  # K+V of one layer, f16
+        figures = overlap_figures(runs, layer_bytes / socket_1g * 1e3)
+        summary.update({k: figures[k] for k in ("overlap_excess_ms", "layer_transfer_ms")})
+        summary["overlap_excess_no_streaming_ms"] = figures.get("whole_kv_ready_excess_ms", 0.0)
+        summary["ttft_excess_ms"] = figures.get("streaming_ttft_excess_ms", 0.0)
+        summary["ttft_excess_no_streaming_ms"] = figures.get("whole_ttft_excess_ms", 0.0)
+    tables = [table("KV stream vs plain TCP socket, same bytes, same hosts (Gbit/s)", rows)]
+    if figures:
+        tables.append(table("overlap on a 1 Gbit link (ms)", [{k: v for k, v in figures.items()}]))
+    emit("wire", rows + ([{"link": "overlap-1gbit", **figures}] if figures else []), summary, tables, csv_path,
+         json_out, console, {"repeats": repeats})
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    ROLES[argv[0]](*argv[1:])
+
+
+if __name__ == "__main__":
+    main()
