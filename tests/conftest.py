@@ -38,7 +38,7 @@ def torch_engine(model_info):
     from homelab_disagg.config import PrefillWorkerConfig
     from prefill_gpu.engine import TorchPrefillEngine
 
-    return TorchPrefillEngine(PrefillWorkerConfig(model_info.path, device="cpu"), model_info)
+    return TorchPrefillEngine(PrefillWorkerConfig(model_info.path, device="auto"), model_info)
 
 
 @pytest.fixture(scope="session")

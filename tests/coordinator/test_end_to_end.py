@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.slow, needs_llama, needs_torch]
 def lab(model_path, tmp_path_factory):
     from coordinator.launcher import LocalLab
 
-    local = LocalLab(model_path, prefill_args=["--device", "cpu"], log_dir=tmp_path_factory.mktemp("logs"))
+    local = LocalLab(model_path, prefill_args=["--device", "auto"], log_dir=tmp_path_factory.mktemp("logs"))
     cfg = local.start()
     yield cfg
     local.stop()
