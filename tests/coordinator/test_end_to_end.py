@@ -76,7 +76,7 @@ def test_prompt_longer_than_a_slot_is_refused_clearly(lab):
 def test_run_command_prints_tables_json_and_writes_csv(tmp_path):
     out = tmp_path / "run.csv"
     cmd = [sys.executable, "-m", "homelab_disagg", "run", "--requests", "2", "--max-tokens", "4",
-           "--min-prompt", "64", "--max-prompt", "96", "--device", "cpu", "--csv", str(out), "--json"]
+           "--min-prompt", "64", "--max-prompt", "96", "--device", "auto", "--csv", str(out), "--json"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
