@@ -56,13 +56,16 @@ class TokenEvent:
 
 @dataclass(frozen=True)
 class HealthPolicy:
-    """How fast a dead worker is noticed. A killed process is seen at once (its TCP connection
-    closes); a hung or unplugged one through pings and silent streams."""
+    """How a dead worker is noticed. A killed process at once: its TCP connection closes. A hung
+    or unplugged one when it has sent nothing at all (no token for any request, no pong) for
+    `dead_after_s` and misses pings. A merely slow one is left alone: llama.cpp's spinning threads
+    on an oversubscribed box (2 cores, other jobs) were measured silent for 11 s in one step."""
 
     ping_interval_s: float = 1.0
-    ping_timeout_s: float = 2.0
-    max_missed_pings: int = 2  # consecutive, before an idle worker leaves the rotation
-    stream_stall_s: float = 2.0  # no token this long -> ping the decode worker; no answer -> it is gone
+    ping_timeout_s: float = 3.0
+    max_missed_pings: int = 3  # consecutive, with dead_after_s of silence, before a worker leaves the rotation
+    dead_after_s: float = 30.0
+    stream_stall_s: float = 2.0  # a stream this quiet checks whether its decode worker still talks
     admit_timeout_s: float = 30.0
 
 
@@ -146,8 +149,10 @@ class Coordinator:
             link.missed_pings += 1
             # a prefill worker answers pings only between requests; its calls have their own timeouts
             busy = link.role == "prefill" and link.inflight > 0
-            if link.healthy and not busy and link.missed_pings >= self.health.max_missed_pings:
-                link.mark_down(f"{link.missed_pings} pings unanswered")
+            silent_s = time.time() - link.last_seen_s
+            if (link.healthy and not busy and link.missed_pings >= self.health.max_missed_pings
+                    and silent_s >= self.health.dead_after_s):
+                link.mark_down(f"{link.missed_pings} pings unanswered, silent for {silent_s:.0f} s")
 
     # --- routing -------------------------------------------------------------------------
 
@@ -357,26 +362,32 @@ class Coordinator:
         while True:
             getter = asyncio.ensure_future(stream.get())
             waiting = {getter} | ({prefill_task} if prefill_task is not None and not prefill_task.done() else set())
-            done, _ = await asyncio.wait(waiting, timeout=self.health.stream_stall_s, return_when=asyncio.FIRST_COMPLETED)
+            try:
+                done, _ = await asyncio.wait(waiting, timeout=self.health.stream_stall_s,
+                                             return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not getter.done():
+                    getter.cancel()  # also when this request is cancelled (client gone) while waiting
             if getter in done:
                 item = getter.result()
                 if isinstance(item, WorkerLost):
                     raise item
                 return item
-            getter.cancel()
             if prefill_task is not None and prefill_task in done:
                 res = prefill_task.result()  # raises PeerError/WorkerLost if the prefill worker failed
                 if isinstance(res, Failed):
                     raise PeerError(f"prefill failed: {res.error}")
                 continue
             silent_s += self.health.stream_stall_s
-            try:
-                await dec.ping(self.health.ping_timeout_s)
-            except WorkerLost:
-                raise
-            except PeerError:
-                dec.mark_down(f"no token for {silent_s:.0f} s and no answer to a ping")
-                raise WorkerLost(f"decode worker {dec.name} stopped answering", "decode", dec.name) from None
+            if time.time() - dec.last_seen_s >= self.health.dead_after_s:  # nothing from it at all: ask
+                try:
+                    await dec.ping(self.health.ping_timeout_s)
+                except WorkerLost:
+                    raise
+                except PeerError:
+                    dec.mark_down(f"no token for {silent_s:.0f} s, silent for {time.time() - dec.last_seen_s:.0f} s, "
+                                  "no answer to a ping")
+                    raise WorkerLost(f"decode worker {dec.name} stopped answering", "decode", dec.name) from None
             if silent_s >= self.lab.request_timeout_s:
                 raise PeerError(f"decode worker {dec.name} answers pings but sent no token for {silent_s:.0f} s")
 

@@ -291,6 +291,40 @@ CsvOpt = Annotated[Optional[Path], typer.Option("--csv", help="CSV output path. 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
 
 
+@bench_app.command("serve")
+def bench_serve(
+    base_url: Annotated[str, typer.Option(help="OpenAI-compatible server: ours, llama.cpp's or vLLM's.")] = "http://127.0.0.1:8000",
+    model: Annotated[Optional[str], typer.Option("--model", help="Model id to ask for. Default: the first of /v1/models.")] = None,
+    endpoint: Annotated[str, typer.Option(help="completions or chat.")] = "completions",
+    num_prompts: Annotated[int, typer.Option(help="Requests per sweep point.")] = 32,
+    concurrency: Annotated[str, typer.Option(help="Max requests in flight; a comma list sweeps (1,2,4,8).")] = "1,2,4,8",
+    request_rate: Annotated[str, typer.Option(help="Poisson arrival rate, requests/s; inf sends as fast as concurrency allows; a comma list sweeps.")] = "inf",
+    input_len: Annotated[str, typer.Option(help="Prompt tokens: N, or MIN-MAX drawn uniformly.")] = "128-512",
+    output_len: Annotated[str, typer.Option(help="Output tokens: N, or MIN-MAX drawn uniformly.")] = "32",
+    goodput: Annotated[Optional[list[str]], typer.Option(help="SLO for goodput, vLLM style: --goodput ttft:500 --goodput tpot:50 (ms; ttft, tpot, e2el).")] = None,
+    ignore_eos: Annotated[bool, typer.Option(help="Ask for exactly the output length (ignore_eos).")] = True,
+    seed: Annotated[int, typer.Option(help="Seed for lengths and arrivals.")] = 0,
+    result_json: Annotated[Optional[Path], typer.Option(help="Also write per-request TTFTs, ITLs and lengths here.")] = None,
+    csv: CsvOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Load an OpenAI-compatible endpoint with streaming requests and report what `vllm bench serve`
+    reports: TTFT, TPOT, ITL, E2E (mean, median, p90, p99), request and token throughput, goodput."""
+    try:
+        from benchmarks.serve import BenchOptions, LengthRange, parse_goodput, parse_sweep, run_bench
+
+        opts = BenchOptions(
+            base_url=base_url, model=model, endpoint=endpoint, num_prompts=num_prompts,
+            concurrencies=tuple(int(c) for c in parse_sweep(concurrency, "--concurrency")),
+            request_rates=tuple(parse_sweep(request_rate, "--request-rate", allow_inf=True)),
+            input_len=LengthRange.parse(input_len, "--input-len"), output_len=LengthRange.parse(output_len, "--output-len"),
+            goodput=parse_goodput(goodput or []), ignore_eos=ignore_eos, seed=seed,
+        )
+        run_bench(opts, csv, json_out, console, result_json)
+    except DisaggError as e:
+        _fail(e)
+
+
 def main() -> None:
     app()
 
