@@ -1,29 +1,83 @@
 """The CPU decode engine: one llama.cpp context, many sequence slots, one batched step at a time.
 
-    admit -> (KV injected | local prefill) -> step, step, ... -> finish
+    admit -> (KV injected | local prefill) -> step, step, ... -> finish (cells freed at once)
 
 Every `step` decodes one token for each running sequence in a single `llama_decode` call, plus
 (if any) a chunk of a local prefill, so new sequences join the running batch the step after
 their KV lands. The first output token comes from llama.cpp itself: the prefill side ships the
 KV of all prompt tokens but the last, and the first step decodes that last token here, so the
 request's own sampler (temperature, seed, ...) picks every output token including the first.
+Greedy rows are an argmax over llama.cpp's logits (what its greedy sampler does, without building
+a candidate array per row); other rows go through a llama.cpp sampler chain of their own.
 """
 
 from __future__ import annotations
 
+import codecs
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from decode_cpu import llama
 from decode_cpu.kv_assembler import Geometry
+from decode_cpu.kv_state import StateLayout, StateLayoutError, parse_state
 from decode_cpu.slots import SlotTable
 from homelab_disagg.config import DecodeWorkerConfig
 from homelab_disagg.errors import RequestError
 from homelab_disagg.model import ModelInfo
 from wire.messages import Sampling
 
-WAIT_KV, READY, PREFILL, RUNNING = "wait_kv", "ready", "prefill", "running"
+WAIT_KV, READY, PREFILL, RUNNING, DONE = "wait_kv", "ready", "prefill", "running", "done"
+
+
+class OutputText:
+    """Token bytes -> the text to stream. Incomplete UTF-8 is held until its last byte arrives;
+    text that may be the start of a stop string is held until it is known not to be, so a stop
+    string that spans tokens never reaches the client, and output ends just before it."""
+
+    def __init__(self, stop=()):
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stop = tuple(s for s in stop if s)
+        self._longest_stop = max((len(s) for s in self.stop), default=0)
+        self.text = ""  # everything decoded so far (cut at the stop string once one is hit)
+        self.num_emitted = 0  # characters of `text` already streamed
+
+    def add(self, data: bytes) -> tuple[str, bool]:
+        """Append one token's bytes. Returns (text to stream now, whether a stop string completed)."""
+        new = self._utf8.decode(data)
+        if not new:
+            return "", False
+        search_from = max(0, len(self.text) - self._longest_stop + 1)
+        self.text += new
+        if not self.stop:
+            return self._emit(len(self.text)), False
+        hits = [at for at in (self.text.find(s, search_from) for s in self.stop) if at >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            return self._emit(len(self.text)), True
+        return self._emit(len(self.text) - self._held_back()), False
+
+    def flush(self) -> str:
+        """At the end (EOS, length): the held-back text, and U+FFFD for a dangling partial character."""
+        self.text += self._utf8.decode(b"", final=True)
+        return self._emit(len(self.text))
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of `text` that is a proper prefix of a stop string."""
+        best = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(self.text) - self.num_emitted), best, -1):
+                if self.text.endswith(s[:k]):
+                    best = k
+                    break
+        return best
+
+    def _emit(self, end: int) -> str:
+        piece = self.text[self.num_emitted : end]
+        self.num_emitted = max(self.num_emitted, end)
+        return piece
 
 
 @dataclass
@@ -34,15 +88,18 @@ class Sequence:
     state: str
     owner: bytes = b""  # the coordinator's socket identity, for routing output back
     slot: int = -1
-    sampler: llama.Sampler | None = None
+    sampler: llama.Sampler | None = None  # None: greedy (argmax)
     n_past: int = 0  # cells of this sequence in the cache
     next_token: int = -1  # token to feed at position n_past in the next step
     output_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    pending_bytes: bytes = b""  # an incomplete UTF-8 sequence carried to the next token
+    out: OutputText = field(default_factory=OutputText)
     state_buf: bytearray | None = None
     t_admit_s: float = field(default_factory=time.perf_counter)
     timings: dict = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        return self.out.text
 
 
 @dataclass(frozen=True)
@@ -50,13 +107,15 @@ class StepOutput:
     seq: Sequence
     token_id: int
     piece: str
-    finish_reason: str | None  # None while the sequence goes on
+    finish_reason: str | None  # None while the sequence goes on; "stop", "length" or "error"
+    error: str = ""  # with finish_reason "error": why (the sequence produced no token this step)
 
 
 class DecodeEngine:
-    def __init__(self, cfg: DecodeWorkerConfig, info: ModelInfo, n_threads: int):
+    def __init__(self, cfg: DecodeWorkerConfig, info: ModelInfo, n_threads: int, numa_strategy: int = llama.NUMA_OFF):
         self.cfg, self.info = cfg, info
-        self.model = llama.LlamaModel(info.path)
+        llama.init_backend(numa_strategy)  # before the model loads: llama.cpp reads the binding once
+        self.model = llama.LlamaModel(info.path, use_mmap=cfg.numa_node is None)
         self.ctx = llama.LlamaContext(
             self.model,
             llama.ContextParams(
@@ -69,9 +128,12 @@ class DecodeEngine:
                 flash_attn=cfg.flash_attn,
             ),
         )
+        self.n_threads = n_threads
         self.batch = llama.Batch(self.ctx.params.n_batch)
         self.slots = SlotTable(cfg.num_slots, cfg.max_queue)
-        self.seqs: dict[bytes, Sequence] = {}
+        self.seqs: dict[bytes, Sequence] = {}  # every live request: waiting, prefilling or running
+        self.running: dict[int, Sequence] = {}  # slot -> sequence decoding one token per step
+        self.prefilling: dict[int, Sequence] = {}  # slot -> sequence feeding its prompt (local prefill)
         self._ready: deque[bytes] = deque()  # KV landed or local prefill asked, waiting for a slot
         self.geometry = Geometry(info.fingerprint, info.num_layers, info.kv_row_elems, cfg.kv_cache_type, self.ctx.n_stream)
         self.num_finished = 0
@@ -93,6 +155,8 @@ class DecodeEngine:
     def admit(self, request_id: bytes, prompt_ids: list[int], sampling: Sampling, local_prefill: bool, owner=b"") -> Sequence:
         if request_id in self.seqs:
             raise RequestError("request id is already in use on this decode worker")
+        if not prompt_ids:
+            raise RequestError("the request has no prompt tokens")
         if len(prompt_ids) + 1 > self.ctx.n_ctx_seq:
             raise RequestError(
                 f"prompt of {len(prompt_ids)} tokens does not fit a decode slot of {self.ctx.n_ctx_seq} tokens; "
@@ -100,8 +164,10 @@ class DecodeEngine:
             )
         if sampling.max_tokens < 1:
             raise RequestError("max_tokens must be >= 1")
+        if sampling.temperature > 0 and not (sampling.top_k >= 0 and 0.0 < sampling.top_p <= 1.0):
+            raise RequestError("top_k must be >= 0 and top_p in (0, 1]")
         self.slots.check_capacity(len(self.seqs))
-        seq = Sequence(request_id, prompt_ids, sampling, PREFILL if local_prefill else WAIT_KV, owner)
+        seq = Sequence(request_id, prompt_ids, sampling, WAIT_KV, owner, out=OutputText(sampling.stop))
         self.seqs[request_id] = seq
         if local_prefill or len(prompt_ids) == 1:
             seq.state = PREFILL
@@ -127,136 +193,164 @@ class DecodeEngine:
             if seq is None:  # cancelled while waiting
                 continue
             seq.slot = self.slots.acquire()
-            seq.sampler = llama.Sampler(seq.sampling.temperature, seq.sampling.top_k, seq.sampling.top_p, seq.sampling.seed)
+            if seq.sampling.temperature > 0:
+                s = seq.sampling
+                seq.sampler = llama.Sampler(s.temperature, s.top_k, s.top_p, s.seed)
             seq.timings["queue_ms"] = (time.perf_counter() - seq.t_admit_s) * 1e3 - seq.timings.get("kv_wait_ms", 0.0)
-            if seq.state == READY:
-                try:
-                    self._inject(seq)
-                except Exception as e:
-                    failed.append((seq, e))
-                    self.release(seq)
-            # PREFILL sequences feed their prompt in the next steps
+            if seq.state == PREFILL:
+                self.prefilling[seq.slot] = seq
+                continue
+            try:
+                self._inject(seq)
+            except (RequestError, ValueError) as e:
+                failed.append((seq, e))
+                self.release(seq)
         return failed
 
     def _inject(self, seq: Sequence) -> None:
         t0 = time.perf_counter()
         n_cells = self.expected_kv_tokens(seq)
+        self._check_state(seq.state_buf, n_cells)
         if self.ctx.set_seq_state(seq.slot, seq.state_buf) == 0:
             raise RequestError("llama.cpp rejected the KV state (type, layer count or layout mismatch)")
         if self.ctx.seq_pos_max(seq.slot) != n_cells - 1:
             raise RequestError(f"injected KV holds positions up to {self.ctx.seq_pos_max(seq.slot)}, expected {n_cells - 1}")
         seq.state_buf = None
         seq.n_past, seq.next_token, seq.state = n_cells, seq.prompt_ids[-1], RUNNING
+        self.running[seq.slot] = seq
         seq.timings["inject_ms"] = (time.perf_counter() - t0) * 1e3
         seq.timings["t_inject_done_s"] = time.perf_counter()
 
+    def _check_state(self, buf, n_cells: int) -> None:
+        """A state buffer must be exactly what this context would write for n_cells cells at
+        positions 0..n_cells-1; anything else is refused here, naming the difference, before
+        llama.cpp sees it (stray positions would break the next batched step for every sequence)."""
+        try:
+            got = parse_state(buf)
+        except StateLayoutError as e:
+            raise RequestError(f"KV state is malformed: {e}") from None
+        g = self.geometry
+        want = StateLayout.for_cache(g.n_stream, n_cells, g.num_layers, g.row_elems, g.cache_type)
+        for name in ("n_stream", "num_cells", "num_layers", "k_type", "v_type", "k_row_bytes", "v_row_bytes"):
+            if getattr(got.layout, name) != getattr(want, name):
+                raise RequestError(
+                    f"KV state has {name} {getattr(got.layout, name)}, this decode worker needs {getattr(want, name)} "
+                    f"({g.num_layers} layers, {g.cache_type} cache, {g.n_stream} streams, {n_cells} cells)"
+                )
+        if not np.array_equal(got.positions, np.arange(n_cells)):
+            raise RequestError(f"KV state cells must hold positions 0..{n_cells - 1}")
+
     def has_work(self) -> bool:
-        return any(s.state in (RUNNING, PREFILL) and s.slot >= 0 for s in self.seqs.values())
+        return bool(self.running or self.prefilling)
 
     def step(self) -> list[StepOutput]:
         """One llama_decode over all running sequences (+ a local prefill chunk). Returns tokens."""
-        running = [s for s in self.seqs.values() if s.state == RUNNING]
-        prefilling = [s for s in self.seqs.values() if s.state == PREFILL and s.slot >= 0]
-        if not running and not prefilling:
+        if not self.running and not self.prefilling:
             return []
-        tokens, positions, seq_ids, want = [], [], [], []
-        for s in running:
-            tokens.append(s.next_token)
-            positions.append(s.n_past)
-            seq_ids.append(s.slot)
-            want.append(1)
-        budget = self.batch.capacity - len(tokens)
-        chunked = []  # (seq, n_fed, finishes_prompt)
-        for s in prefilling:
+        running, chunks = self._fill_batch()
+        t0 = time.perf_counter()
+        try:
+            self.ctx.decode(self.batch)
+        except RuntimeError as e:
+            return self._fail_all(running + [s for s, _, _ in chunks], str(e))
+        step_ms = (time.perf_counter() - t0) * 1e3
+        return self._collect(running, chunks, step_ms)
+
+    def _fill_batch(self):
+        # rows [0, n_run): one token per running sequence, all want logits;
+        # then prefill chunks, logits only on a prompt's last token
+        running = list(self.running.values())
+        n = len(running)
+        b = self.batch
+        b.token[:n] = [s.next_token for s in running]
+        b.pos[:n] = [s.n_past for s in running]
+        b.seq_id[:n] = [s.slot for s in running]
+        b.logits[:n] = 1
+        chunks = []  # (seq, n_fed, finishes_prompt)
+        for s in list(self.prefilling.values()):
+            budget = b.capacity - n
             if budget <= 0:
                 break
-            todo = s.prompt_ids[s.n_past :]
-            n = min(len(todo), budget)
-            last = n == len(todo)
-            tokens += todo[:n]
-            positions += range(s.n_past, s.n_past + n)
-            seq_ids += [s.slot] * n
-            want += [0] * (n - 1) + [1 if last else 0]
-            chunked.append((s, n, last))
-            budget -= n
-        self.batch.fill(tokens, positions, seq_ids, want)
-        t0 = time.perf_counter()
-        self.ctx.decode(self.batch)
-        step_ms = (time.perf_counter() - t0) * 1e3
+            todo = len(s.prompt_ids) - s.n_past
+            k = min(todo, budget)
+            b.token[n : n + k] = s.prompt_ids[s.n_past : s.n_past + k]
+            b.pos[n : n + k] = np.arange(s.n_past, s.n_past + k)
+            b.seq_id[n : n + k] = s.slot
+            b.logits[n : n + k] = 0
+            b.logits[n + k - 1] = k == todo
+            chunks.append((s, k, k == todo))
+            n += k
+        b.raw.n_tokens = n
+        return running, chunks
 
-        outputs = []
-        row = 0
+    def _collect(self, running: list[Sequence], chunks, step_ms: float) -> list[StepOutput]:
         for s in running:
             s.n_past += 1
-            outputs.append(self._sample(s, row, step_ms))
-            row += 1
-        for s, n, last in chunked:
-            s.n_past += n
-            row += n
-            if last:
+        emitting = list(running)
+        for s, k, finishes in chunks:
+            s.n_past += k
+            if finishes:
+                del self.prefilling[s.slot]
                 s.state = RUNNING
+                self.running[s.slot] = s
                 s.timings.setdefault("local_prefill_ms", 0.0)
-                outputs.append(self._sample(s, row - 1, step_ms))
+                emitting.append(s)
             else:
                 s.timings["local_prefill_ms"] = s.timings.get("local_prefill_ms", 0.0) + step_ms
+        if not emitting:
+            return []
+        tokens = self._sample(emitting)
+        outputs = [self._advance(s, tok, step_ms) for s, tok in zip(emitting, tokens)]
+        for o in outputs:
+            if o.finish_reason is not None:
+                self.release(o.seq)  # cells and slot free now, before the next step
         return outputs
 
-    def _sample(self, s: Sequence, row: int, step_ms: float) -> StepOutput:
-        tok = s.sampler.sample(self.ctx, row)
-        now = time.perf_counter()
+    def _sample(self, emitting: list[Sequence]) -> list[int]:
+        """One token per emitting sequence; output row i of the logits belongs to emitting[i]."""
+        logits = self.ctx.output_logits(len(emitting))  # [n_out, n_vocab] float32 view
+        if all(s.sampler is None for s in emitting):
+            return logits.argmax(axis=1).tolist()
+        # a llama.cpp sampler addresses logits by batch row; rows asking for logits are in emitting order
+        rows = np.flatnonzero(self.batch.logits[: self.batch.num_tokens]).tolist()
+        return [int(logits[i].argmax()) if s.sampler is None else s.sampler.sample(self.ctx, row)
+                for i, (s, row) in enumerate(zip(emitting, rows))]
+
+    def _advance(self, s: Sequence, tok: int, step_ms: float) -> StepOutput:
         if not s.output_ids:
             s.timings["first_step_ms"] = step_ms
-            s.timings["t_first_token_s"] = now
+            s.timings["t_first_token_s"] = time.perf_counter()
         s.output_ids.append(tok)
-        finish = None
-        piece = ""
-        if self.model.is_eog(tok) and not s.sampling.ignore_eos:
-            finish = "stop"
-        else:
-            piece = self._detokenize(s, tok)
-            stop_hit = self._stop_hit(s, piece)
-            if stop_hit is not None:
-                piece, finish = stop_hit, "stop"
-            elif len(s.output_ids) >= s.sampling.max_tokens or s.n_past + 1 >= self.ctx.n_ctx_seq:
-                finish = "length"
         s.next_token = tok
-        if finish is None:
-            s.text += piece
-        return StepOutput(s, tok, piece, finish)
+        if self.model.is_eog(tok) and not s.sampling.ignore_eos:
+            return StepOutput(s, tok, s.out.flush(), "stop")
+        piece, stopped = s.out.add(self.model.token_bytes(tok))
+        if stopped:
+            return StepOutput(s, tok, piece, "stop")
+        if len(s.output_ids) >= s.sampling.max_tokens or s.n_past >= self.ctx.n_ctx_seq:
+            return StepOutput(s, tok, piece + s.out.flush(), "length")
+        return StepOutput(s, tok, piece, None)
 
-    def _detokenize(self, s: Sequence, tok: int) -> str:
-        data = s.pending_bytes + self.model.token_bytes(tok)
-        try:
-            text, s.pending_bytes = data.decode("utf-8"), b""
-        except UnicodeDecodeError as e:
-            if e.start > 0 or len(data) < 4:  # an incomplete multi-byte tail: hold it back
-                text, s.pending_bytes = data[: e.start].decode("utf-8"), data[e.start :]
-            else:
-                text, s.pending_bytes = data.decode("utf-8", errors="replace"), b""
-        return text
-
-    def _stop_hit(self, s: Sequence, piece: str) -> str | None:
-        """If a stop string completes with this piece, the part of the piece before it."""
-        if not s.sampling.stop:
-            return None
-        tail = s.text + piece
-        for stop in s.sampling.stop:
-            at = tail.find(stop, max(0, len(s.text) - len(stop) + 1))
-            if at >= 0:
-                return tail[len(s.text) : at] if at >= len(s.text) else ""
-        return None
+    def _fail_all(self, seqs: list[Sequence], why: str) -> list[StepOutput]:
+        outputs = [StepOutput(s, -1, "", "error", f"decode step failed: {why}") for s in seqs]
+        for s in seqs:
+            self.release(s)
+        return outputs
 
     def release(self, seq: Sequence) -> None:
-        """Free everything the sequence holds, at once."""
-        self.seqs.pop(seq.request_id, None)
+        """Free everything the sequence holds, at once. Releasing twice is a no-op."""
+        if self.seqs.pop(seq.request_id, None) is None:
+            return
         if seq.slot >= 0:
+            self.running.pop(seq.slot, None)
+            self.prefilling.pop(seq.slot, None)
             self.ctx.seq_rm(seq.slot)
             self.slots.release(seq.slot)
             seq.slot = -1
         if seq.sampler is not None:
             seq.sampler.close()
             seq.sampler = None
-        seq.state_buf = None
+        seq.state, seq.state_buf = DONE, None
         self.num_finished += 1
 
     def close(self) -> None:

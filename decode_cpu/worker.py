@@ -3,6 +3,9 @@
     loop: receive control -> receive KV frames -> place ready sequences -> step -> send tokens
 
 A bad frame, a bad request or a stalled KV stream fails only its own request; the loop goes on.
+Started with a NUMA node (`decode-worker --numa-node N`, see decode_cpu/numa.py), the process is
+already bound to that node's CPUs and memory when it gets here; llama.cpp is told to follow
+that binding, and its threads default to the node's physical cores.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ import time
 import psutil
 import zmq
 
-from decode_cpu import kv_assembler
-from decode_cpu.engine import WAIT_KV, DecodeEngine
+from decode_cpu import kv_assembler, llama, numa
+from decode_cpu.engine import WAIT_KV, DecodeEngine, OutputText
 from homelab_disagg import __version__
 from homelab_disagg.config import DecodeWorkerConfig
 from homelab_disagg.errors import CapacityError, RequestError
@@ -26,14 +29,16 @@ from wire.messages import (
 )
 
 log = logging.getLogger("decode")
+STALL_CHECK_INTERVAL_S = 0.25  # how often waiting KV streams are checked against kv_timeout_s
 
 
 class DecodeWorker:
     def __init__(self, cfg: DecodeWorkerConfig, name: str = "decode"):
         self.cfg, self.name = cfg, name
         self.info = read_model_info(cfg.model_path)
-        n_threads = cfg.num_threads or len(os.sched_getaffinity(0))
-        self.engine = DecodeEngine(cfg, self.info, n_threads)
+        n_threads = cfg.num_threads or numa.default_num_threads()
+        numa_strategy = llama.NUMA_NUMACTL if cfg.numa_node is not None else llama.NUMA_OFF
+        self.engine = DecodeEngine(cfg, self.info, n_threads, numa_strategy)
         self.zctx = zmq.Context()
         self.control = transport.bind_router(self.zctx, cfg.control_addr)
         self.kv = transport.bind_kv_pull(self.zctx, cfg.kv_addr)
@@ -44,18 +49,23 @@ class DecodeWorker:
         self.proc = psutil.Process()
         self.proc.cpu_percent()
         self.num_bad_frames = 0
+        self._next_stall_check_s = 0.0
 
     def serve_forever(self) -> None:
-        log.info("decode worker %s ready on %s (KV %s)", self.name, self.cfg.control_addr, self.cfg.kv_addr)
+        where = "" if self.cfg.numa_node is None else f", NUMA node {self.cfg.numa_node} CPUs {numa.format_cpulist(os.sched_getaffinity(0))}"
+        log.info("decode worker %s ready on %s (KV %s), %d threads%s", self.name, self.cfg.control_addr,
+                 self.cfg.kv_addr, self.engine.n_threads, where)
         while True:
-            busy = self.engine.has_work()
-            self.poller.poll(0 if busy else 50)
-            self.receive_control()
-            self.receive_kv()
-            for seq, err in self.engine.place_ready():
-                self.fail(seq.owner, seq.request_id, str(err))
-            self.emit(self.engine.step())
-            self.expire_stalled_kv()
+            self.run_once()
+
+    def run_once(self, idle_wait_ms: int = 50) -> None:
+        self.poller.poll(0 if self.engine.has_work() else idle_wait_ms)
+        self.receive_control()
+        self.receive_kv()
+        for seq, err in self.engine.place_ready():
+            self.fail(seq.owner, seq.request_id, str(err), "kv_error")
+        self.emit(self.engine.step())
+        self.expire_stalled_kv()
 
     # --- stages -------------------------------------------------------------------------
 
@@ -101,20 +111,17 @@ class DecodeWorker:
         transport.reply(self.control, identity, Admitted(msg.request_id, ids, seq.slot))
 
     def detokenize(self, msg: Detokenize):
-        """Pieces per token for tokens sampled elsewhere; an incomplete UTF-8 tail moves to the next."""
-        model, pieces, is_eog, pending = self.engine.model, [], [], b""
+        """Pieces per token for tokens sampled elsewhere; an incomplete UTF-8 tail moves to the next
+        token's piece (the same text rules as the engine's own output, without stop strings)."""
+        model, pieces, is_eog, text = self.engine.model, [], [], OutputText()
         if any(not 0 <= int(t) < model.n_vocab for t in msg.token_ids):
             return Failed(msg.request_id, f"token ids must be in 0..{model.n_vocab - 1}", "bad_request")
         for tok in map(int, msg.token_ids):
             eog = model.is_eog(tok)
-            data = pending + (b"" if eog else model.token_bytes(tok))
-            try:
-                text, pending = data.decode("utf-8"), b""
-            except UnicodeDecodeError as e:
-                keep = e.start > 0 or len(data) < 4  # an incomplete multi-byte tail: hold it back
-                text, pending = (data[: e.start].decode("utf-8"), data[e.start :]) if keep else (data.decode("utf-8", "replace"), b"")
-            pieces.append(text)
+            pieces.append("" if eog else text.add(model.token_bytes(tok))[0])
             is_eog.append(eog)
+        if pieces:
+            pieces[-1] += text.flush()
         return Detokenized(msg.request_id, pieces, is_eog)
 
     def cancel(self, request_id: bytes) -> None:
@@ -167,6 +174,9 @@ class DecodeWorker:
 
     def expire_stalled_kv(self) -> None:
         now = time.perf_counter()
+        if now < self._next_stall_check_s:
+            return  # walking every waiting request each step would cost more than the check is worth
+        self._next_stall_check_s = now + STALL_CHECK_INTERVAL_S
         for seq in [s for s in self.engine.seqs.values() if s.state == WAIT_KV]:
             asm = self.assemblies.get(seq.request_id)
             last = asm.last_frame_s or asm.first_frame_s if asm else seq.t_admit_s
@@ -181,11 +191,17 @@ class DecodeWorker:
                 )
 
     def emit(self, outputs) -> None:
-        """One Tokens message per coordinator per step; Finished for sequences that ended."""
+        """One Tokens message per coordinator per step; Finished for sequences that ended, Failed
+        for sequences whose step failed (the engine has already freed their slots)."""
         by_owner: dict[bytes, list] = {}
         for out in outputs:
+            if out.error:
+                self.fail(out.seq.owner, out.seq.request_id, out.error)
+                continue
             by_owner.setdefault(out.seq.owner, []).append(out)
         for owner, outs in by_owner.items():
+            if not owner:
+                continue  # admitted without a coordinator (tests, benchmarks): nowhere to send
             tok = Tokens([o.seq.request_id for o in outs], [o.token_id for o in outs], [o.piece for o in outs])
             transport.reply(self.control, owner, tok)
             for o in outs:
@@ -200,7 +216,7 @@ class DecodeWorker:
         n_out = len(seq.output_ids)
         t["decode_ms"] = (now - first) * 1e3
         t["tpot_ms"] = t["decode_ms"] / (n_out - 1) if n_out > 1 else 0.0
-        self.engine.release(seq)
+        self.engine.release(seq)  # already released by the engine's step; a no-op kept for safety
         transport.reply(self.control, seq.owner, Finished(seq.request_id, reason, len(seq.prompt_ids), n_out, t))
 
     def fail(self, owner: bytes, request_id: bytes, why: str, code: str = "error") -> None:
@@ -216,7 +232,8 @@ class DecodeWorker:
             device="cpu", cpu_percent=self.proc.cpu_percent(), rss_bytes=mem,
             extra={"kv_addr": self.cfg.kv_addr, "kv_cache_type": self.cfg.kv_cache_type,
                    "num_finished": self.engine.num_finished, "bad_frames": self.num_bad_frames,
-                   "numa_node": -1 if self.cfg.numa_node is None else self.cfg.numa_node},
+                   "numa_node": -1 if self.cfg.numa_node is None else self.cfg.numa_node,
+                   "threads": self.engine.n_threads, "cpus": numa.format_cpulist(os.sched_getaffinity(0))},
         )
 
     def close(self) -> None:

@@ -196,8 +196,10 @@ def decode_worker(
     kv: Annotated[str, typer.Option(help="Address to bind for incoming KV streams.")] = "tcp://0.0.0.0:5561",
     slots: Annotated[int, typer.Option(help="Sequence slots (concurrent sequences).")] = 8,
     slot_ctx: Annotated[int, typer.Option(help="Context tokens per slot.")] = 2048,
-    threads: Annotated[int, typer.Option(help="llama.cpp threads (0: every CPU this process may use).")] = 0,
-    numa_node: Annotated[Optional[int], typer.Option(help="NUMA node this worker is bound to (numactl).")] = None,
+    threads: Annotated[int, typer.Option(help="llama.cpp threads (0: one per physical core this process may use, "
+                                              "or of its NUMA node with --numa-node).")] = 0,
+    numa_node: Annotated[Optional[int], typer.Option(help="Bind this worker's CPUs and memory to this NUMA node "
+                                                          "(re-executes under numactl when present).")] = None,
     kv_type: Annotated[str, typer.Option(help="KV cache type: f16, q8_0, q4_0.")] = "f16",
     max_queue: Annotated[int, typer.Option(help="Admitted requests that may wait beyond the slots.")] = 32,
     kv_timeout: Annotated[float, typer.Option(help="Seconds a KV stream may stall before its slot is freed.")] = 30.0,
@@ -205,11 +207,19 @@ def decode_worker(
 ) -> None:
     """Serve decode requests: receive KV, inject it into llama.cpp, decode in batches."""
     try:
-        from decode_cpu import worker
         from homelab_disagg.config import DecodeWorkerConfig
 
-        cfg = DecodeWorkerConfig(_model_path(model), control, kv, slots, slot_ctx, threads, numa_node, kv_type,
-                                 max_queue, kv_timeout)
+        path = _model_path(model)
+        if numa_node is not None:
+            from decode_cpu import numa
+
+            # before anything else loads: may re-execute this command under numactl
+            binding = numa.bind_process(numa_node)
+            threads = threads or binding.num_threads
+            err_console.print(binding.describe(), highlight=False)
+        from decode_cpu import worker
+
+        cfg = DecodeWorkerConfig(path, control, kv, slots, slot_ctx, threads, numa_node, kv_type, max_queue, kv_timeout)
         worker.main(cfg, name)
     except DisaggError as e:
         _fail(e)
@@ -289,6 +299,32 @@ def model_info(model: ModelOpt = None) -> None:
 
 CsvOpt = Annotated[Optional[Path], typer.Option("--csv", help="CSV output path. Default: results/bench-<name>-<time>.csv")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
+
+
+@bench_app.command("decode")
+def bench_decode(
+    model: ModelOpt = None,
+    threads: Annotated[int, typer.Option(help="llama.cpp threads, same for all (0: one per physical core available).")] = 0,
+    batch: Annotated[int, typer.Option(help="Concurrent sequences in the batched run.")] = 8,
+    slots: Annotated[int, typer.Option(help="Engine sequence slots (at least --batch).")] = 8,
+    slot_ctx: Annotated[int, typer.Option(help="Context tokens per sequence, engine and llama.cpp loop alike.")] = 2048,
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt tokens whose KV each sequence starts from.")] = 128,
+    steps: Annotated[int, typer.Option(help="Timed decode steps per configuration per round.")] = 32,
+    warmup: Annotated[int, typer.Option(help="Untimed decode steps before them.")] = 4,
+    repeats: Annotated[int, typer.Option(help="Rounds; each runs all configurations, interleaved (medians reported).")] = 7,
+    kv_type: Annotated[str, typer.Option(help="KV cache type: f16, q8_0, q4_0.")] = "f16",
+    csv: CsvOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Decode tokens/s: our batching engine (1 and --batch injected sequences) against llama.cpp's
+    own single-sequence loop, same threads, context, flash attention and KV type."""
+    try:
+        from benchmarks.decode import run_bench
+
+        run_bench(_model_path(model), threads, batch, slots, slot_ctx, prompt_tokens, steps, warmup, repeats, kv_type,
+                  csv, json_out, console)
+    except DisaggError as e:
+        _fail(e)
 
 
 @bench_app.command("serve")
