@@ -290,19 +290,9 @@ async def run_sweep(opts: BenchOptions, console: Console) -> tuple[list[dict], l
 def run_bench(opts: BenchOptions, csv_path: Path | None, json_out: bool, console: Console,
               result_json: Path | None = None) -> list[dict]:
     rows, details, model = asyncio.run(run_sweep(opts, console))
-    has_goodput = bool(opts.goodput)
-    thr_cols = ["max_concurrency", "request_rate", "completed", "failed", "duration", "request_throughput",
-                "output_throughput", "total_token_throughput"] + (["request_goodput"] if has_goodput else [])
-    lat_cols = ["max_concurrency"] + [f"{stat}_{m}_ms" for m in ("ttft", "tpot", "itl", "e2el")
-                                      for stat in ("mean", "median", "p90", "p99")]
     shown = [{k: (v if not isinstance(v, float) or not math.isinf(v) else "inf") for k, v in r.items()} for r in rows]
     slo = " ".join(f"{k}<={v:g}ms" for k, v in opts.goodput.items())
-    tables = [
-        table(f"bench serve: {model} at {opts.base_url} ({opts.endpoint}, {opts.num_prompts} prompts, input "
-              f"{opts.input_len.lo}-{opts.input_len.hi}, output {opts.output_len.lo}-{opts.output_len.hi} tokens)"
-              + (f", goodput SLO {slo}" if slo else ""), shown, thr_cols),
-        table("latency (ms), measured at the client", shown, lat_cols),
-    ]
+    tables = [throughput_table(shown, opts, model, slo), latency_table(shown)]
     for d in details:
         errs = sorted({e for e in d["errors"] if e})
         for e in errs[:3]:
@@ -317,6 +307,27 @@ def run_bench(opts: BenchOptions, csv_path: Path | None, json_out: bool, console
     emit("serve", shown, {"points": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in shown]},
          tables, csv_path, json_out, console, meta)
     return rows
+
+
+def throughput_table(rows: list[dict], opts: BenchOptions, model: str, slo: str):
+    title = (f"bench serve: {model} at {opts.base_url} ({opts.endpoint}, {opts.num_prompts} requests per point, "
+             f"input {opts.input_len.lo}-{opts.input_len.hi}, output {opts.output_len.lo}-{opts.output_len.hi} tokens)")
+    cols = {"max_concurrency": "concurrency", "request_rate": "rate/s", "completed": "ok", "failed": "failed",
+            "duration": "time s", "request_throughput": "req/s", "output_throughput": "out tok/s",
+            "total_token_throughput": "total tok/s"}
+    if slo:
+        cols["request_goodput"] = "goodput req/s"
+        title += f", goodput SLO {slo}"
+    return table(title, [{cols[k]: r.get(k, "") for k in cols} for r in rows], list(cols.values()))
+
+
+def latency_table(rows: list[dict]):
+    """One line per (concurrency, metric): mean, median, p90, p99 in ms, as `vllm bench serve` prints them."""
+    names = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2el": "E2E latency"}
+    out = [{"concurrency": r["max_concurrency"], "rate/s": r["request_rate"], "metric": label,
+            **{stat: r[f"{stat}_{m}_ms"] for stat in ("mean", "median", "p90", "p99")}}
+           for r in rows for m, label in names.items()]
+    return table("latency (ms), measured at the client", out)
 
 
 def _jsonable(d: dict) -> dict:

@@ -105,3 +105,19 @@ def test_with_no_decode_worker_left_requests_end_with_a_clear_error(lab):
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
     assert "no decode worker" in r.json()["error"]["message"]
     assert httpx.get(f"{serve.url}/health", timeout=5).status_code == 503
+
+
+def test_a_decode_worker_that_answers_again_rejoins_the_rotation(lab):
+    import subprocess
+
+    local, serve = lab
+    dead = next(p for p in local.procs if p.name == "decode1")
+    # the same worker, same addresses, started again (what systemd's Restart= does)
+    with open(dead.log_path, "ab") as log:
+        dead.popen = subprocess.Popen(dead.popen.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                      start_new_session=True)
+    wait_until(lambda: httpx.get(f"{serve.url}/health", timeout=5).status_code == 200, 60, "decode1 back in rotation")
+    r = httpx.post(f"{serve.url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 4}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    up = {w["name"]: w["healthy"] for w in serve.status()["workers"]}
+    assert up == {"prefill0": True, "decode0": False, "decode1": True}
