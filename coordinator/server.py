@@ -334,9 +334,12 @@ class Server:
         self.metrics.running += 1
         try:
             ex.first = await anext(gen, None)  # admission: errors here are still an HTTP status
-        except BaseException as e:
-            self.finish(ex, "rejected" if isinstance(e, Exception) else "cancelled", e)
+        except Exception as e:
+            self.finish(ex, "rejected", e)
             raise api_error_from(e, "messages" if chat else "prompt") from None
+        except BaseException as e:  # the client went away while waiting
+            self.finish(ex, "cancelled", e)
+            raise
         if stream:
             return StreamingResponse(self.stream(ex), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
@@ -344,9 +347,12 @@ class Server:
         try:
             async for _ in gen:
                 pass
-        except BaseException as e:
-            self.finish(ex, "error" if isinstance(e, Exception) else "cancelled", e)
+        except Exception as e:
+            self.finish(ex, "error", e)
             raise api_error_from(e) from None
+        except BaseException as e:
+            self.finish(ex, "cancelled", e)
+            raise
         self.finish(ex, "ok")
         return JSONResponse(ex.full())
 
