@@ -338,6 +338,7 @@ class Coordinator:
                 rec.inject_ms = t.get("inject_ms", 0.0)
                 rec.first_step_ms = t.get("first_step_ms", 0.0)
                 rec.kv_recv_ms = t.get("kv_recv_ms", 0.0)
+                rec.kv_wait_ms = t.get("kv_wait_ms", 0.0)
                 rec.kv_bytes_wire += int(t.get("kv_bytes_wire", 0))
                 rec.e2e_ms = (time.perf_counter() - t0) * 1e3
                 rec.tpot_ms = (rec.e2e_ms - rec.ttft_ms) / (rec.output_tokens - 1) if rec.output_tokens > 1 else 0.0
