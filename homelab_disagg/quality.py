@@ -117,27 +117,41 @@ class LlamaJudge:
         self.model.close()
 
 
-def torch_state(engine, info, ids: list[int], n_stream: int, cache_type: str = "f16", rope_layout: str | None = None,
-                codec: str = "f16") -> bytearray:
-    """Prefill ids with the torch engine and lay its KV into a llama.cpp state buffer of `cache_type`
-    rows, through `codec` as the real path does (encode on the prefill device, decode in numpy).
-    `rope_layout` overrides the model's (tests use it to show the key mapping matters)."""
+def torch_layer_rows(engine, info, ids: list[int], rope_layout: str | None = None) -> list:
+    """Prefill ids with the torch engine; per layer (K rows, V rows), each [T, H_kv*D] in llama.cpp's
+    element order, on the engine's device. `rope_layout` overrides the model's (tests use it to show
+    the key mapping matters)."""
+    from prefill_gpu.kv_layout import layer_rows
+
+    out = []
+    engine.prefill(ids, lambda i, k, v: out.append(layer_rows(k, v, len(ids), rope_layout or info.rope_layout)))
+    return out
+
+
+def codec_state(rows: list, info, n_stream: int, cache_type: str = "f16", codec: str = "f16") -> tuple[bytearray, int]:
+    """(llama.cpp state buffer of `cache_type` rows, payload bytes on the wire) from torch layer rows,
+    through `codec` as the real path does: encode on the prefill device (prefill_gpu.kv_encode), decode
+    in numpy (wire.codecs)."""
     from decode_cpu.kv_state import StateLayout
     from prefill_gpu.kv_encode import ENCODERS
-    from prefill_gpu.kv_layout import layer_rows
     from wire.codecs import get_codec
 
-    layout = StateLayout.for_cache(n_stream, len(ids), info.num_layers, info.kv_row_elems, cache_type)
+    num_tokens = rows[0][0].shape[0]
+    layout = StateLayout.for_cache(n_stream, num_tokens, info.num_layers, info.kv_row_elems, cache_type)
     buf = layout.allocate()
     encode, wire_codec = ENCODERS[codec], get_codec(codec)
+    wire_bytes = 0
+    for i, kv in enumerate(rows):
+        decoded = []
+        for role, x in zip(("k", "v"), kv):
+            payload = encode(x, role, info.head_dim).cpu().numpy()
+            wire_bytes += payload.nbytes
+            decoded.append(wire_codec.decode(payload.data, num_tokens, info.kv_row_elems, cache_type, role, info.head_dim))
+        layout.put_layer(buf, i, *decoded)
+    return buf, wire_bytes
 
-    def on_layer(i, k, v):
-        kr, vr = layer_rows(k, v, len(ids), rope_layout or info.rope_layout)  # [T, H_kv*D] each
-        rows = []
-        for role, x in (("k", kr), ("v", vr)):
-            payload = encode(x, role, info.head_dim).cpu().numpy().data
-            rows.append(wire_codec.decode(payload, len(ids), info.kv_row_elems, cache_type, role, info.head_dim))
-        layout.put_layer(buf, i, *rows)
 
-    engine.prefill(ids, on_layer)
-    return buf
+def torch_state(engine, info, ids: list[int], n_stream: int, cache_type: str = "f16", rope_layout: str | None = None,
+                codec: str = "f16") -> bytearray:
+    """Prefill ids with the torch engine and lay its KV, through `codec`, into a state buffer of `cache_type`."""
+    return codec_state(torch_layer_rows(engine, info, ids, rope_layout), info, n_stream, cache_type, codec)[0]

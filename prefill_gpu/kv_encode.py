@@ -78,32 +78,33 @@ def encode_q4_0(rows: torch.Tensor, role: str, head_dim: int) -> torch.Tensor:
     return _with_scale(d, q[:, :16] | (q[:, 16:] << 4))
 
 
-def _kivi_quantize(g: torch.Tensor, dim: int) -> list[torch.Tensor]:
-    """float32 with a group of 32 along dim -> [nibbles, f16 scale, f16 zero] as flat uint8."""
-    mn, mx = g.amin(dim=dim, keepdim=True), g.amax(dim=dim, keepdim=True)
+def _kivi_groups(g: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 groups along dim -> (q uint8 like g, f16 scale, f16 zero with dim of size 1)."""
+    mn, mx = g.amin(dim=dim, keepdim=True) + 0.0, g.amax(dim=dim, keepdim=True) + 0.0  # -0.0 -> +0.0, as numpy
     scale16, zero16 = _div(mx - mn, 15.0, mn).to(torch.float16), mn.to(torch.float16)
     scale, zero = scale16.float(), zero16.float()
     live = scale > 0
     q = torch.round(_div(g - zero, torch.where(live, scale, torch.ones_like(scale)), g))
-    q = torch.where(live, q.clamp(0, 15), torch.zeros_like(q)).to(torch.uint8)
-    lo, hi = q.chunk(2, dim=dim)
-    return [(lo | (hi << 4)).reshape(-1), scale16.reshape(-1).view(torch.uint8), zero16.reshape(-1).view(torch.uint8)]
+    return torch.where(live, q.clamp(0, 15), torch.zeros_like(q)).to(torch.uint8), scale16, zero16
 
 
 def encode_kivi4(rows: torch.Tensor, role: str, head_dim: int = 0) -> torch.Tensor:
-    """KIVI int4, layout as wire.codecs.kivi4_encode: K per channel over full groups of 32 tokens, the
-    T % 32 tail tokens and all of V per token over groups of 32 channels."""
+    """KIVI int4 in wire.codecs' layout: K per channel over groups of 32 tokens (the last group takes
+    the T % 32 extra tokens), V per token over groups of 32 channels; f16 scale and zero per group."""
     num_tokens, row_elems = rows.shape
     if row_elems % GROUP:
         raise codecs.CodecError(f"quantized KV rows must be a multiple of {GROUP} elements, got {row_elems}")
     x = rows.float()
-    full = num_tokens // GROUP * GROUP if role == "k" else 0
-    parts = []
-    if full:
-        parts += _kivi_quantize(x[:full].reshape(-1, GROUP, row_elems), dim=1)
-    if full < num_tokens:
-        parts += _kivi_quantize(x[full:].reshape(-1, GROUP), dim=1)
-    return torch.cat(parts)
+    if role == "v":
+        q, scale, zero = _kivi_groups(x.reshape(-1, GROUP), dim=1)
+    else:
+        head = (max(1, num_tokens // GROUP) - 1) * GROUP
+        parts = [_kivi_groups(x[:head].reshape(-1, GROUP, row_elems), dim=1)] if head else []
+        parts.append(_kivi_groups(x[head:][None], dim=1))
+        q, scale, zero = (torch.cat([p[i].reshape(-1, row_elems) for p in parts]) for i in range(3))
+    q = q.reshape(-1, GROUP)
+    nib = q[:, :16] | (q[:, 16:] << 4)
+    return torch.cat((nib.reshape(-1), scale.reshape(-1).view(torch.uint8), zero.reshape(-1).view(torch.uint8)))
 
 
 def encode_f16_bp_zstd(rows: torch.Tensor, role: str = "k", head_dim: int = 0) -> torch.Tensor:

@@ -59,8 +59,8 @@ class Codec:
     encode: Callable[[np.ndarray, str, int], object]
     # decode(payload, num_tokens, row_elems, cache_type, role, head_dim) -> cache rows (bytes-like, T rows)
     decode: Callable[[memoryview, int, int, str, str, int], object]
-    # payload bytes for a [T, C] matrix (an upper bound for a variable-size codec)
-    payload_bytes: Callable[[int, int], int]
+    # payload_bytes(num_tokens, row_elems, role): bytes of a [T, C] payload (an upper bound if variable-size)
+    payload_bytes: Callable[[int, int, str], int]
     # the cache type whose rows the payload already is (None: always converted)
     native_cache_type: str | None
     is_lossless: bool
@@ -96,7 +96,7 @@ def _check_row_elems(row_elems: int, n: int = GROUP) -> None:
 def _runs(x: np.ndarray, n: int) -> np.ndarray:
     """[T, C] -> [n, T*C/n] float32 (a fresh array)."""
     _check_row_elems(x.shape[-1], n)
-    return np.ascontiguousarray(np.asarray(x, dtype=_F32).reshape(-1, n).T)
+    return np.asarray(x, dtype=_F32).reshape(-1, n).T.copy()  # always a copy: callers work on it in place
 
 
 def _unruns(runs: np.ndarray, num_tokens: int, dtype) -> np.ndarray:
@@ -146,7 +146,7 @@ def _q8_0_rows(runs: np.ndarray, num_tokens: int) -> np.ndarray:
     d = amax/127 stored as f16, q = round-half-even(x * (127/amax)). The reference
     quantize_row_q8_0_ref (id = 1/d, round half away) differs in rare last-bit cases."""
     b = runs.reshape(-1, GROUP, runs.shape[1])  # [blocks in a run, 32, R]
-    amax = np.maximum(b.max(axis=1), -b.min(axis=1))
+    amax = np.abs(np.maximum(b.max(axis=1), -b.min(axis=1)))  # abs: a block of zeros gets +0.0, never -0.0
     with np.errstate(divide="ignore"):
         inv = np.where(amax != 0, _F32(127) / amax, _F32(0)).astype(_F32)
     q = np.rint(b * inv[:, None, :]).astype(np.int8)
@@ -212,85 +212,74 @@ def dequantize_rows(rows, num_tokens: int, row_elems: int, cache_type: str, role
 
 
 # --- KIVI int4 -------------------------------------------------------------------------------------
+# Asymmetric int4, x ~ q * scale + zero with q in 0..15, f16 scale and zero per group:
+#   K per channel, over groups of 32 tokens; the T % 32 tokens past the last full group join it (a
+#     last group of 32..63 tokens), so no group pays scale and zero for a handful of tokens.
+#   V per token, over groups of 32 channels.
+# Payload: nibbles [T*C/32, 16], each row's 32-element blocks packed as q4_0 packs them (byte j =
+# q[j] | q[j+16] << 4), then the f16 scales and f16 zeros: K [G, C] each (G = max(1, T // 32)),
+# V [T*C/32] each. 4.5 + bits per element: >= 3.2x smaller than f16 for any T >= 32.
 
 
-def _kivi_quantize(g: np.ndarray, axis: int):
-    """g: float32 with a group of 32 along `axis` -> (nibbles with 16 along axis: q[i] | q[i+16] << 4,
-    scale f16, zero f16), both with `axis` removed. x ~ q * scale + zero, q in 0..15."""
-    mn, mx = g.min(axis=axis, keepdims=True), g.max(axis=axis, keepdims=True)
+def _kivi_groups(g: np.ndarray, axis: int):
+    """float32 groups along `axis` -> (q uint8 like g, scale f16, zero f16 with that axis of size 1)."""
+    # + 0: which of -0.0 and +0.0 a min or max returns is up to the library; pin +0.0
+    mn, mx = g.min(axis=axis, keepdims=True) + _F32(0), g.max(axis=axis, keepdims=True) + _F32(0)
     scale16, zero16 = ((mx - mn) / _F32(15)).astype("<f2"), mn.astype("<f2")
     scale, zero = scale16.astype(_F32), zero16.astype(_F32)
     q = np.rint((g - zero) / np.where(scale > 0, scale, _F32(1)))
-    q = np.where(scale > 0, np.clip(q, 0, 15), 0).astype(np.uint8)
-    lo, hi = np.split(q, 2, axis=axis)
-    return lo | (hi << 4), scale16.squeeze(axis), zero16.squeeze(axis)
+    return np.where(scale > 0, np.clip(q, 0, 15), 0).astype(np.uint8), scale16, zero16
 
 
-def _kivi_dequantize(nib: np.ndarray, scale, zero, axis: int) -> np.ndarray:
-    shape = list(nib.shape)
-    shape[axis] *= 2
-    q = np.empty(shape, dtype=_F32)
-    half = nib.shape[axis]
-    lo = [slice(None)] * len(shape)
-    hi = list(lo)
-    lo[axis], hi[axis] = slice(0, half), slice(half, None)
-    q[tuple(lo)] = nib & 15
-    q[tuple(hi)] = nib >> 4
-    q *= np.expand_dims(np.asarray(scale, dtype=_F32), axis)
-    q += np.expand_dims(np.asarray(zero, dtype=_F32), axis)
-    return q
+def _kivi_k_groups(num_tokens: int) -> int:
+    return max(1, num_tokens // GROUP)
 
 
-def _kivi_sizes(num_tokens: int, row_elems: int, role: str) -> tuple[int, int]:
-    """(tokens quantized per channel, tokens quantized per token)."""
-    full = num_tokens // GROUP * GROUP if role == "k" else 0
-    return full, num_tokens - full
-
-
-def kivi4_payload_bytes(num_tokens: int, row_elems: int) -> int:
-    return num_tokens * row_elems // GROUP * KIVI4_GROUP_BYTES
+def kivi4_payload_bytes(num_tokens: int, row_elems: int, role: str) -> int:
+    num_params = _kivi_k_groups(num_tokens) * row_elems if role == "k" else num_tokens * row_elems // GROUP
+    return num_tokens * row_elems // 2 + 4 * num_params
 
 
 def kivi4_encode(x: np.ndarray, role: str, head_dim: int = 0) -> bytes:
-    """[T, C] -> payload. K: [G, 16, C] nibbles, [G, C] scales, [G, C] zeros for the G = T//32 full
-    token groups, then the T % 32 tail tokens per token; V: all tokens per token, as
-    [T*C/32, 16] nibbles, [T*C/32] scales, [T*C/32] zeros."""
+    """[T, C] float -> payload (layout above)."""
     num_tokens, row_elems = x.shape
     _check_row_elems(row_elems)
     x = np.asarray(x, dtype=_F32)
-    full, _ = _kivi_sizes(num_tokens, row_elems, role)
-    parts = []
-    if full:
-        parts += _kivi_quantize(x[:full].reshape(-1, GROUP, row_elems), axis=1)
-    if full < num_tokens:
-        parts += _kivi_quantize(x[full:].reshape(-1, GROUP), axis=1)
-    return b"".join(np.ascontiguousarray(p).tobytes() for p in parts)
+    if role == "v":
+        q, scale, zero = _kivi_groups(x.reshape(-1, GROUP), axis=1)
+    else:
+        head = (_kivi_k_groups(num_tokens) - 1) * GROUP  # tokens in the groups before the last
+        parts = [_kivi_groups(x[:head].reshape(-1, GROUP, row_elems), axis=1)] if head else []
+        parts.append(_kivi_groups(x[head:][None], axis=1))
+        q, scale, zero = (np.concatenate([p[i].reshape(-1, row_elems) for p in parts]) for i in range(3))
+    q = q.reshape(-1, GROUP)
+    return b"".join(np.ascontiguousarray(a).tobytes() for a in (q[:, :16] | (q[:, 16:] << 4), scale, zero))
 
 
 def kivi4_dequantize(payload, num_tokens: int, row_elems: int, role: str) -> np.ndarray:
     """payload -> [T, C] float32."""
     buf = np.frombuffer(payload, dtype=np.uint8)
-    full, tail = _kivi_sizes(num_tokens, row_elems, role)
-    out = np.empty((num_tokens, row_elems), dtype=_F32)
-    off = 0
-
-    def take(n, dtype="u1"):
-        nonlocal off
-        a = buf[off : off + n * np.dtype(dtype).itemsize].view(dtype)
-        off += n * np.dtype(dtype).itemsize
-        return a
-
-    if full:
-        g = full // GROUP
-        nib, scale, zero = take(g * 16 * row_elems), take(g * row_elems, "<f2"), take(g * row_elems, "<f2")
-        out[:full] = _kivi_dequantize(
-            nib.reshape(g, 16, row_elems), scale.reshape(g, row_elems), zero.reshape(g, row_elems), axis=1
-        ).reshape(full, row_elems)
-    if tail:
-        n = tail * row_elems // GROUP
-        nib, scale, zero = take(n * 16), take(n, "<f2"), take(n, "<f2")
-        out[full:] = _kivi_dequantize(nib.reshape(n, 16), scale, zero, axis=1).reshape(tail, row_elems)
-    return out
+    n = num_tokens * row_elems // GROUP
+    q = np.empty((n, GROUP), dtype=_F32)
+    nib = buf[: 16 * n].reshape(n, 16)
+    q[:, :16] = nib & 15
+    q[:, 16:] = nib >> 4
+    if role == "v":
+        scale, zero = buf[16 * n :].view("<f2").astype(_F32).reshape(2, n, 1)
+        q *= scale
+        q += zero
+        return q.reshape(num_tokens, row_elems)
+    g = _kivi_k_groups(num_tokens)
+    scale, zero = buf[16 * n :].view("<f2").astype(_F32).reshape(2, g, row_elems)
+    q = q.reshape(num_tokens, row_elems)
+    head = (g - 1) * GROUP
+    if head:
+        grouped = q[:head].reshape(g - 1, GROUP, row_elems)
+        grouped *= scale[:-1, None]
+        grouped += zero[:-1, None]
+    q[head:] *= scale[-1]
+    q[head:] += zero[-1]
+    return q
 
 
 # --- from decoded values to the decode side's cache rows ----------------------------------------
@@ -329,7 +318,7 @@ def _f16_decode(payload, num_tokens, row_elems, cache_type, role, head_dim):
 def _block_codec(name: str):
     """q8_0 / q4_0: the payload is that cache type's rows, rotated as llama.cpp rotates."""
 
-    def payload_bytes(num_tokens, row_elems):
+    def payload_bytes(num_tokens, row_elems, role="k"):
         return num_tokens * row_elems // GROUP * BLOCK_BYTES[name]
 
     def encode(x: np.ndarray, role: str, head_dim: int):
@@ -350,7 +339,7 @@ def _block_codec(name: str):
 
 
 def _kivi4_decode(payload, num_tokens, row_elems, cache_type, role, head_dim):
-    _check_args("kivi4", payload, kivi4_payload_bytes(num_tokens, row_elems), num_tokens, row_elems, cache_type, role)
+    _check_args("kivi4", payload, kivi4_payload_bytes(num_tokens, row_elems, role), num_tokens, row_elems, cache_type, role)
     return to_cache_rows(kivi4_dequantize(payload, num_tokens, row_elems, role), cache_type, role, head_dim)
 
 
@@ -378,12 +367,12 @@ def register(codec: Codec) -> Codec:
     return codec
 
 
-F16 = register(Codec("f16", 1, _f16_encode, _f16_decode, lambda t, c: t * c * 2, "f16", True))
+F16 = register(Codec("f16", 1, _f16_encode, _f16_decode, lambda t, c, role="k": t * c * 2, "f16", True))
 Q8_0 = register(Codec("q8_0", 2, *_block_codec("q8_0"), "q8_0", False))
 Q4_0 = register(Codec("q4_0", 3, *_block_codec("q4_0"), "q4_0", False))
 KIVI4 = register(Codec("kivi4", 4, kivi4_encode, _kivi4_decode, kivi4_payload_bytes, None, False))
 F16_BP_ZSTD = register(Codec("f16+bp-zstd", 5, _bp_zstd_encode, _bp_zstd_decode,
-                             lambda t, c: lossless.max_payload_bytes(t * c), "f16", True))
+                             lambda t, c, role="k": lossless.max_payload_bytes(t * c), "f16", True))
 
 
 def get_codec(name: str) -> Codec:

@@ -1,0 +1,182 @@
+"""`homelab-disagg bench codecs`: every KV codec side by side on the real model.
+
+For each codec: bytes per token on the wire and the ratio to f16; encode speed (torch, on the prefill
+device the bench runs on) and decode speed (numpy, into the llama.cpp cache type the codec is
+injected into), both as f16-equivalent GB/s (T * C * 2 bytes per matrix per second: what a 10GbE
+link would otherwise carry), best and median of repeats; decode also as payload GB/s (wire bytes
+consumed per second). Quality: torch KV -> encode -> decode -> inject into a llama.cpp context of
+that cache type, teacher-forced against llama.cpp's own f16 prefill (homelab_disagg.quality):
+top-1 agreement, mean KL and perplexity change. The f16 row is the baseline; the `llama own` rows
+are llama.cpp prefilling into a quantized cache itself, the floor any codec into that cache meets.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+# (codec, llama.cpp cache type it is injected into)
+CONFIGS = (("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0"), ("kivi4", "f16"), ("kivi4", "q8_0"),
+           ("f16+bp-zstd", "f16"))
+PROMPT_TOKENS_8 = (128, 180, 230, 280, 330, 380, 440, 512)  # as tests/conftest.py quality_texts
+CONTINUATION_TOKENS = 48
+
+
+def config_name(codec: str, cache_type: str) -> str:
+    """The codec's name when it goes into its own cache type (f16 for kivi4), else codec@cache."""
+    from wire.codecs import get_codec
+
+    native = get_codec(codec).native_cache_type or "f16"
+    return codec if cache_type == native else f"{codec}@{cache_type}"
+
+
+def quality_texts(model, num_prompts: int) -> list[tuple[list[int], int]]:
+    """num_prompts texts of 128..512 prompt tokens plus 48 continuation tokens, tokenized by llama.cpp
+    (the 8-prompt set is the one tests/conftest.py builds)."""
+    from homelab_disagg.workload import make_prompt
+
+    lengths = PROMPT_TOKENS_8 if num_prompts == 8 else np.linspace(128, 512, num_prompts).astype(int).tolist()
+    out = []
+    for i, prompt_tokens in enumerate(lengths):
+        ids = model.tokenize(make_prompt(prompt_tokens + 80, start=4 * i), add_special=True, parse_special=False)
+        out.append((ids[: prompt_tokens + CONTINUATION_TOKENS], prompt_tokens))
+    return out
+
+
+def _timed(fn, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def measure_speed(rows: list, info, codec: str, cache_type: str, repeats: int) -> dict:
+    """Encode (torch) and decode (numpy) every layer's K and V of one prompt, `repeats` times."""
+    from prefill_gpu.kv_encode import ENCODERS
+    from wire.codecs import get_codec
+
+    encode, wire_codec = ENCODERS[codec], get_codec(codec)
+    num_tokens, c = rows[0][0].shape
+    mats = [(role, x) for kv in rows for role, x in zip(("k", "v"), kv)]
+    f16_bytes = len(mats) * num_tokens * c * 2
+
+    def encode_all():
+        out = [encode(x, role, info.head_dim) for role, x in mats]
+        if out[-1].device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+        return out
+
+    payloads = [(role, p.cpu().numpy()) for (role, _), p in zip(mats, encode_all())]
+    payload_bytes = sum(p.nbytes for _, p in payloads)
+
+    def decode_all():
+        for role, p in payloads:
+            wire_codec.decode(p.data, num_tokens, c, cache_type, role, info.head_dim)
+
+    enc, dec = _timed(encode_all, repeats), _timed(decode_all, repeats)
+    return {
+        "encode_gbps": f16_bytes / min(enc) / 1e9, "encode_gbps_median": f16_bytes / statistics.median(enc) / 1e9,
+        "decode_gbps": f16_bytes / min(dec) / 1e9, "decode_gbps_median": f16_bytes / statistics.median(dec) / 1e9,
+        "decode_payload_gbps": payload_bytes / min(dec) / 1e9, "speed_tokens": num_tokens,
+    }
+
+
+def measure(model_path: Path, num_prompts: int, repeats: int, progress=lambda: None) -> tuple[list[dict], dict]:
+    import torch
+
+    from homelab_disagg.config import PrefillWorkerConfig
+    from homelab_disagg.model import read_model_info
+    from homelab_disagg.quality import LlamaJudge, codec_state, compare, pool, torch_layer_rows
+    from prefill_gpu.engine import TorchPrefillEngine
+    from wire.codecs import get_codec
+
+    info = read_model_info(model_path)
+    engine = TorchPrefillEngine(PrefillWorkerConfig(model_path, device="auto"), info)
+    judges = {t: LlamaJudge(model_path, n_ctx=1024, cache_type=t) for t in ("f16", "q8_0", "q4_0")}
+    try:
+        texts = quality_texts(judges["f16"].model, num_prompts)
+        results = {config_name(c, t): [] for c, t in CONFIGS} | {f"llama own {t}": [] for t in ("q8_0", "q4_0")}
+        wire_bytes = {config_name(c, t): 0 for c, t in CONFIGS}
+        num_cells, longest_rows = 0, None
+        for ids, split in texts:
+            targets = np.array(ids[split:])
+            ref = judges["f16"].reference(ids, split)
+            for t in ("q8_0", "q4_0"):
+                results[f"llama own {t}"].append(compare(ref, judges[t].reference(ids, split), targets))
+            rows = torch_layer_rows(engine, info, ids[: split - 1])
+            num_cells += split - 1
+            for codec, cache_type in CONFIGS:
+                name = config_name(codec, cache_type)
+                state, nbytes = codec_state(rows, info, judges[cache_type].ctx.n_stream, cache_type, codec)
+                results[name].append(compare(ref, judges[cache_type].after_injection(ids, split, state), targets))
+                wire_bytes[name] += nbytes
+            if longest_rows is None or rows[0][0].shape[0] > longest_rows[0][0].shape[0]:
+                longest_rows = rows
+            progress()
+        out_rows, summary_codecs = [], {}
+        for codec, cache_type in CONFIGS:
+            name = config_name(codec, cache_type)
+            agr = pool(results[name])
+            bytes_per_token = wire_bytes[name] / num_cells
+            row = {
+                "codec": name, "cache": cache_type, "bytes_per_token": bytes_per_token,
+                "ratio": info.kv_bytes_per_token_f16 / bytes_per_token, "lossless": get_codec(codec).is_lossless,
+                **measure_speed(longest_rows, info, codec, cache_type, repeats),
+                "top1": agr.top1, "kl": agr.kl, "ppl_change_pct": agr.ppl_change_pct, "ppl": agr.ppl_candidate,
+                "first_token_equal": agr.first_token_equal, "positions": agr.positions,
+            }
+            out_rows.append(row)
+            summary_codecs[name] = {k: v for k, v in row.items() if k not in ("codec", "positions")}
+            progress()
+        own = {}
+        for t in ("q8_0", "q4_0"):
+            agr = pool(results[f"llama own {t}"])
+            own[t] = {"top1": agr.top1, "kl": agr.kl, "ppl_change_pct": agr.ppl_change_pct}
+            out_rows.append({"codec": f"llama own {t}", "cache": t, "top1": agr.top1, "kl": agr.kl,
+                             "ppl_change_pct": agr.ppl_change_pct, "ppl": agr.ppl_candidate,
+                             "first_token_equal": agr.first_token_equal, "positions": agr.positions})
+        summary = {
+            "codecs": summary_codecs, "llama_own": own, "prompts": len(texts), "positions": pool(results["f16"]).positions,
+            "ppl_ref": pool(results["f16"]).ppl_ref, "model": info.name, "prefill_device": str(engine.device),
+            "torch_threads": torch.get_num_threads(), "repeats": repeats,
+        }
+        return out_rows, summary
+    finally:
+        for j in judges.values():
+            j.close()
+
+
+def run_bench(model_path: Path, num_prompts: int, repeats: int, csv_path, json_out: bool, console) -> dict:
+    from rich.progress import Progress
+
+    from benchmarks.report import emit, table
+
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("codecs: prefill, encode, decode, inject, compare", total=num_prompts + len(CONFIGS))
+        rows, summary = measure(model_path, num_prompts, repeats, progress=lambda: bar.advance(task))
+    shown = []
+    for r in rows:
+        speed = "encode_gbps" in r
+        shown.append({
+            "codec": r["codec"], "cache": r["cache"],
+            "bytes/token": round(r["bytes_per_token"]) if speed else "",
+            "ratio vs f16": r.get("ratio", ""),
+            "encode GB/s best/med": f"{r['encode_gbps']:.2f} / {r['encode_gbps_median']:.2f}" if speed else "",
+            "decode GB/s best/med": f"{r['decode_gbps']:.2f} / {r['decode_gbps_median']:.2f}" if speed else "",
+            "decode payload GB/s": r.get("decode_payload_gbps", ""),
+            "top1": r["top1"], "KL": f"{r['kl']:.5f}", "ppl change %": r["ppl_change_pct"],
+        })
+    title = (f"KV codecs, {summary['model']}, {summary['prompts']} prompts (128-512 tokens), {summary['positions']} "
+             f"teacher-forced positions vs llama.cpp's own f16 prefill (ppl {summary['ppl_ref']:.3f}); encode: torch on "
+             f"{summary['prefill_device']}, {summary['torch_threads']} threads; decode: numpy, 1 thread; GB/s of f16 "
+             f"KV, {summary['repeats']} repeats over every layer of a {rows[0]['speed_tokens']}-token prompt")
+    emit("codecs", [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in rows], summary,
+         [table(title, shown)], csv_path, json_out, console)
+    return summary
