@@ -361,6 +361,24 @@ def bench_serve(
         _fail(e)
 
 
+@bench_app.command("codecs")
+def bench_codecs(
+    model: ModelOpt = None,
+    prompts: Annotated[int, typer.Option(help="Prompts (128-512 tokens) in the quality comparison.")] = 8,
+    repeats: Annotated[int, typer.Option(help="Timed repeats of each codec's encode and decode (best and median).")] = 7,
+    csv: CsvOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """KV codecs side by side: bytes per token, encode (torch) and decode (numpy) GB/s, and the quality
+    of the injected KV: teacher-forced top-1, KL and perplexity change vs llama.cpp's own f16 prefill."""
+    try:
+        from benchmarks.codecs import run_bench
+
+        run_bench(_model_path(model), prompts, repeats, csv, json_out, console)
+    except DisaggError as e:
+        _fail(e)
+
+
 def main() -> None:
     app()
 
