@@ -1,0 +1,1 @@
+"""Experiments answering the background document's questions; see experiments/README.md."""
