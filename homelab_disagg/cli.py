@@ -67,6 +67,7 @@ def run(
     concurrency: Annotated[int, typer.Option(help="Requests in flight at once.")] = 1,
     device: Annotated[str, typer.Option(help="Prefill device: auto, cuda or cpu.")] = "auto",
     codec: Annotated[str, typer.Option(help="KV codec on the wire.")] = "f16",
+    engine: Annotated[str, typer.Option(help="Local prefill worker's engine: torch or vllm.")] = "torch",
     layer_streaming: Annotated[bool, typer.Option(help="Send each layer's KV as soon as it is computed.")] = True,
     baselines: Annotated[bool, typer.Option(help="Also run llama.cpp alone and the prefill engine alone.")] = True,
     csv: Annotated[Optional[Path], typer.Option(help="CSV output path. Default: results/run-<time>.csv")] = None,
@@ -89,7 +90,7 @@ def run(
         else:
             path = _model_path(model)
             with console.status("starting prefill and decode worker processes (first start converts the GGUF once)"):
-                local = LocalLab(path, prefill_args=["--device", device])
+                local = LocalLab(path, prefill_args=["--device", device, "--engine", engine])
                 lab = local.start()
             try:
                 lab = lab.with_(codec=codec, layer_streaming=layer_streaming)

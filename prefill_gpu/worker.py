@@ -50,7 +50,12 @@ class PrefillWorker:
     def __init__(self, cfg: PrefillWorkerConfig, name: str = "prefill", env: Env | None = None):
         self.cfg, self.name = cfg, name
         self.info = read_model_info(cfg.model_path)
-        self.engine = TorchPrefillEngine(cfg, self.info, env)
+        if cfg.engine == "vllm":
+            from prefill_gpu.vllm_engine import VllmPrefillEngine
+
+            self.engine = VllmPrefillEngine(cfg, self.info, env)
+        else:
+            self.engine = TorchPrefillEngine(cfg, self.info, env)
         self.zctx = zmq.Context()
         self.control = transport.bind_router(self.zctx, cfg.control_addr)
         self.sender = transport.KvSender(self.zctx)
@@ -80,6 +85,8 @@ class PrefillWorker:
             encode = ENCODERS[req.codec]
         except (codecs.CodecError, KeyError):
             return Failed(req.request_id, f"codec {req.codec!r} is not available on this prefill worker", "bad_request")
+        if self.cfg.engine == "vllm":  # inside vLLM's forward pass, its KV connector streams the layers
+            return self.engine.prefill(req, self.sender)
         num_tokens = len(req.token_ids)
         tracker = SendTracker()
         held: list[transport.LayerJob] = []
@@ -141,7 +148,7 @@ class PrefillWorker:
             "prefill", self.name, __version__, self.info.fingerprint, self.info.name,
             device=str(self.engine.device), cpu_percent=self.proc.cpu_percent(),
             rss_bytes=self.proc.memory_info().rss,
-            extra={"codecs": sorted(ENCODERS), "engine": "torch"},
+            extra={"codecs": sorted(ENCODERS), "engine": self.cfg.engine},
         )
 
     def close(self) -> None:
