@@ -214,6 +214,7 @@ class Coordinator:
                 if prefer is None or not any(l.healthy for l in self.decode):
                     raise
                 arch = rec.architecture = "colocated-cpu"  # nothing was streamed yet: serve it on llama.cpp
+                prefer = None
         async for ev in self._generate_via_decode(req, rec, arch == "disaggregated", prefer):
             yield ev
 
