@@ -13,6 +13,7 @@ fraction of the measured memory bandwidth that is.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import subprocess
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=16, help="timed steps per configuration per round")
     p.add_argument("--repeats", type=int, default=None, help="rounds (default 3; --quick 2)")
     p.add_argument("--kv-type", default="f16")
-    p.add_argument("--child", default=None, help=argparse_hidden())
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(measure_placement(json.loads(args.child))), flush=True)
@@ -167,12 +168,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{r['placement']:>10} {r['threads']:>7} {r['batch']:>5} {r['tok_s']:>8.1f} {r['step_ms']:>8.1f} "
               f"{r['achieved_gbps']:>6.2f} {r['copy_bw_gbps']:>9.2f} {r['bw_fraction'] * 100:>5.1f}%")
     print(f"exp4 done in {time.time() - t0:.0f} s: {csv_path}, {png}")
-
-
-def argparse_hidden():
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":
