@@ -81,6 +81,7 @@ class LocalLab:
     prefill_args: list[str] = field(default_factory=list)
     decode_args: list[str] = field(default_factory=list)
     num_decode: int = 1
+    decode_per_numa_node: bool = False  # one decode worker per NUMA node, bound to it (overrides num_decode)
     log_dir: Path | None = None
     procs: list[WorkerProcess] = field(default_factory=list)
 
@@ -94,11 +95,12 @@ class LocalLab:
                 ctl = f"tcp://127.0.0.1:{free_port()}"
                 self._spawn("prefill", "prefill0", ctl, base + ["prefill-worker", "--model", str(self.model_path),
                                                                 "--control", ctl, *self.prefill_args], log_dir, env)
-            for i in range(self.num_decode):
+            for i, node in enumerate(self._decode_nodes()):
                 ctl, kv = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+                numa = [] if node is None else ["--numa-node", str(node)]
                 self._spawn("decode", f"decode{i}", ctl, base + ["decode-worker", "--model", str(self.model_path),
                                                                  "--control", ctl, "--kv", kv, "--name", f"decode{i}",
-                                                                 *self.decode_args], log_dir, env, kv)
+                                                                 *numa, *self.decode_args], log_dir, env, kv)
             for p in self.procs:  # they load in parallel; wait for all
                 wait_ready(p, timeout_s)
         except BaseException:
@@ -109,6 +111,14 @@ class LocalLab:
             prefill=tuple(PrefillEndpoint(p.name, p.control_addr) for p in self.procs if p.role == "prefill"),
             decode=tuple(DecodeEndpoint(p.name, p.control_addr, p.kv_addr) for p in self.procs if p.role == "decode"),
         )
+
+    def _decode_nodes(self) -> list:
+        """NUMA node per decode worker (None: unbound)."""
+        if not self.decode_per_numa_node:
+            return [None] * self.num_decode
+        from decode_cpu.numa import read_topology  # sysfs only, no engine
+
+        return [n.node_id for n in read_topology().nodes]
 
     def _spawn(self, role, name, ctl, argv, log_dir: Path, env, kv: str = "") -> None:
         log_path = log_dir / f"{name}.log"

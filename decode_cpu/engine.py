@@ -244,59 +244,86 @@ class DecodeEngine:
         return bool(self.running or self.prefilling)
 
     def step(self) -> list[StepOutput]:
-        """One llama_decode over all running sequences (+ a local prefill chunk). Returns tokens."""
+        """One llama_decode over all running sequences (+ local prefill chunks). Returns tokens."""
         if not self.running and not self.prefilling:
             return []
-        running, chunks = self._fill_batch()
+        self._compact()
+        entries = self._fill_batch()
         t0 = time.perf_counter()
         try:
             self.ctx.decode(self.batch)
         except RuntimeError as e:
-            return self._fail_all(running + [s for s, _, _ in chunks], str(e))
+            return self._fail_all([s for s, _, _ in entries], str(e))
         step_ms = (time.perf_counter() - t0) * 1e3
-        return self._collect(running, chunks, step_ms)
+        return self._collect(entries, step_ms)
 
-    def _fill_batch(self):
-        # rows [0, n_run): one token per running sequence, all want logits;
-        # then prefill chunks, logits only on a prompt's last token
-        running = list(self.running.values())
-        n = len(running)
+    def _compact(self) -> None:
+        """Move sequences down into holes that no waiting request will fill (see slots.py: each
+        run of consecutive slots costs llama.cpp a pass over the weights). A move copies the
+        sequence's used cells through its state: exact, and paid once per hole, not per step."""
+        num_waiting = len(self.seqs) - self.slots.num_held  # will take the lowest holes when placed
+        while self.slots.num_holes > num_waiting:
+            src, dst = self.slots.next_move()
+            table = self.running if src in self.running else self.prefilling
+            seq = table[src]
+            if seq.n_past and not self.ctx.move_seq(src, dst):
+                return  # stay fragmented: slower, still correct
+            self.slots.move(src, dst)
+            table[dst] = table.pop(src)
+            seq.slot = dst
+
+    def _fill_batch(self) -> list[tuple[Sequence, int, bool]]:
+        """Rows in slot order (llama.cpp splits a batch where sequence ids stop being consecutive):
+        one token per running sequence, a chunk of each local prefill. Returns (seq, tokens fed,
+        emits a token) per sequence in row order; rows that emit are the only ones with logits."""
         b = self.batch
-        b.token[:n] = [s.next_token for s in running]
-        b.pos[:n] = [s.n_past for s in running]
-        b.seq_id[:n] = [s.slot for s in running]
-        b.logits[:n] = 1
-        chunks = []  # (seq, n_fed, finishes_prompt)
-        for s in list(self.prefilling.values()):
-            budget = b.capacity - n
-            if budget <= 0:
-                break
+        if not self.prefilling:  # the common step: vectorized
+            running = [self.running[k] for k in sorted(self.running)]
+            n = len(running)
+            b.token[:n] = [s.next_token for s in running]
+            b.pos[:n] = [s.n_past for s in running]
+            b.seq_id[:n] = [s.slot for s in running]
+            b.logits[:n] = 1
+            b.raw.n_tokens = n
+            return [(s, 1, True) for s in running]
+        budget = b.capacity - len(self.running)
+        entries, n = [], 0
+        for slot in sorted(self.running.keys() | self.prefilling.keys()):
+            s = self.running.get(slot)
+            if s is not None:
+                b.token[n], b.pos[n], b.seq_id[n], b.logits[n] = s.next_token, s.n_past, slot, 1
+                entries.append((s, 1, True))
+                n += 1
+                continue
+            s = self.prefilling[slot]
             todo = len(s.prompt_ids) - s.n_past
             k = min(todo, budget)
+            if k <= 0:
+                continue
             b.token[n : n + k] = s.prompt_ids[s.n_past : s.n_past + k]
             b.pos[n : n + k] = np.arange(s.n_past, s.n_past + k)
-            b.seq_id[n : n + k] = s.slot
+            b.seq_id[n : n + k] = slot
             b.logits[n : n + k] = 0
             b.logits[n + k - 1] = k == todo
-            chunks.append((s, k, k == todo))
+            entries.append((s, k, k == todo))
             n += k
+            budget -= k
         b.raw.n_tokens = n
-        return running, chunks
+        return entries
 
-    def _collect(self, running: list[Sequence], chunks, step_ms: float) -> list[StepOutput]:
-        for s in running:
-            s.n_past += 1
-        emitting = list(running)
-        for s, k, finishes in chunks:
+    def _collect(self, entries, step_ms: float) -> list[StepOutput]:
+        emitting = []
+        for s, k, emits in entries:
             s.n_past += k
-            if finishes:
+            if s.state == PREFILL:
+                if not emits:
+                    s.timings["local_prefill_ms"] = s.timings.get("local_prefill_ms", 0.0) + step_ms
+                    continue
                 del self.prefilling[s.slot]
                 s.state = RUNNING
                 self.running[s.slot] = s
                 s.timings.setdefault("local_prefill_ms", 0.0)
-                emitting.append(s)
-            else:
-                s.timings["local_prefill_ms"] = s.timings.get("local_prefill_ms", 0.0) + step_ms
+            emitting.append(s)
         if not emitting:
             return []
         tokens = self._sample(emitting)

@@ -190,10 +190,29 @@ class LlamaContext:
         return bytes(buf[:got])
 
     def set_seq_state(self, seq_id: int, state) -> int:
-        """Load a sequence state buffer into `seq_id`; 0 means llama.cpp rejected it."""
+        """Load a sequence state buffer into `seq_id`; 0 means llama.cpp rejected it. A writable
+        buffer (bytearray, numpy) is passed without a copy; read-only bytes are copied once."""
         self._check_seq(seq_id)
-        buf = (ctypes.c_uint8 * len(state)).from_buffer(state) if not isinstance(state, bytes) else state
-        return llama_cpp.llama_state_seq_set_data(self._ptr, buf, len(state), seq_id)
+        n = len(state)
+        try:
+            buf = (ctypes.c_uint8 * n).from_buffer(state)
+        except TypeError:
+            buf = (ctypes.c_uint8 * n).from_buffer_copy(state)
+        return llama_cpp.llama_state_seq_set_data(self._ptr, buf, n, seq_id)
+
+    def move_seq(self, src: int, dst: int) -> bool:
+        """Move a sequence's cells to another (empty) sequence id through one native buffer of its
+        used cells. False (and dst left empty, src intact) if llama.cpp refuses."""
+        self._check_seq(src)
+        self._check_seq(dst)
+        n = llama_cpp.llama_state_seq_get_size(self._ptr, src)
+        buf = (ctypes.c_uint8 * n)()
+        got = llama_cpp.llama_state_seq_get_data(self._ptr, buf, n, src)
+        if llama_cpp.llama_state_seq_set_data(self._ptr, buf, got, dst) == 0:
+            self.seq_rm(dst)
+            return False
+        self.seq_rm(src)
+        return True
 
     def _check_seq(self, seq_id: int) -> None:
         # llama.cpp aborts the whole process on an out-of-range seq id: refuse it here instead

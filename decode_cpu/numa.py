@@ -135,7 +135,7 @@ def default_num_threads(root: Path = SYSFS) -> int:
     allowed = os.sched_getaffinity(0)
     try:
         return max(1, read_topology(root).num_physical_cores(allowed))
-    except ConfigError:
+    except (ConfigError, OSError, ValueError):  # an unreadable or odd sysfs: every allowed CPU
         return len(allowed)
 
 
