@@ -139,6 +139,10 @@ def lab_facts(coord) -> dict:
     return {"prefill_device": pre.device if pre else ""}
 
 
+def split_meta(split: NodeSplit) -> dict:
+    return {"node_split": split.label, "decode_threads": len(split.decode_cpus) if split.decode_cpus else os.cpu_count()}
+
+
 async def tokenize_all(coord, prompts: list[str]) -> list[list[int]]:
     return [await coord.tokenize(p) for p in prompts]
 
@@ -198,10 +202,16 @@ def save_csv(out_dir: Path, name: str, rows: list[dict], meta_extra: dict) -> Pa
 
 
 def model_meta(path: Path) -> dict:
+    """The model's name and identity, and its geometry for the decision model (`plan`)."""
+    import dataclasses
+    import json
+
     from homelab_disagg.model import read_model_info
+    from homelab_disagg.plan import ModelProfile
 
     info = read_model_info(path)
-    return {"model": info.name, "model_file": path.name, "fingerprint": info.fingerprint_hex}
+    profile = json.dumps(dataclasses.asdict(ModelProfile.from_gguf(path)), sort_keys=True)
+    return {"model": info.name, "model_file": path.name, "fingerprint": info.fingerprint_hex, "profile": profile}
 
 
 def pyplot():

@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for rate in links:
         rows += measure_link(rate, path, prompts, codecs, args.repeats, split, args.device, 2 if args.quick else 3)
-    meta = {"experiment": "exp2_transfer", **common.model_meta(path), "node_split": split.label, "repeats": args.repeats,
+    meta = {"experiment": "exp2_transfer", **common.model_meta(path), **common.split_meta(split), "repeats": args.repeats,
             "quick": args.quick, "tbf_burst_capped": True}
     csv_path = common.save_csv(args.out, "exp2_transfer", rows, meta)
     png = plot(rows, args.out, f"{meta['model']}, {split.label}; one disaggregated request at a time, 2 output tokens")
