@@ -265,6 +265,67 @@ def status(config: Annotated[Path, typer.Option("--config", "-c", help="Lab TOML
         _fail(e)
 
 
+@app.command()
+def plan(
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="GGUF file, or a known model name (llama-3.1-8b, llama-3.2-1b, llama-3.2-3b, qwen2.5-7b, smollm2-135m). Default: the embedded model.")] = None,
+    link: Annotated[str, typer.Option(help="Link between the nodes: 1gbit, 10gbit, 25gbit, ... or loopback.")] = "10gbit",
+    prompt: Annotated[int, typer.Option(help="Prompt tokens per request.")] = 1024,
+    output: Annotated[int, typer.Option(help="Output tokens per request.")] = 128,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight the recommendation is for.")] = 8,
+    codec: Annotated[str, typer.Option(help="KV codec on the wire: f16, q8_0, q4_0, kivi4.")] = "f16",
+    layer_streaming: Annotated[bool, typer.Option(help="Send each layer's KV as soon as it is computed.")] = True,
+    calibration: Annotated[Optional[Path], typer.Option(help="Measured costs: a directory of experiment CSVs (experiments/results) or a calibration JSON. Default: the repository's experiments/results, else built-in figures.")] = None,
+    probe: Annotated[bool, typer.Option(help="Measure this box for a few minutes (both nodes here) and calibrate from that.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")] = False,
+) -> None:
+    """Predict TTFT, TPOT and throughput of single node, replicated and disaggregated serving for a
+    workload (§11 decision model), name the crossover concurrency, and recommend one, with reasons."""
+    try:
+        import json
+
+        from homelab_disagg import plan as planner
+
+        if probe:
+            from experiments.calibrate import probe as run_probe
+
+            cal = run_probe(log=console.print)
+        elif calibration is not None and calibration.suffix == ".json":
+            cal = planner.Calibration.from_dict(json.loads(calibration.read_text()))
+        else:
+            results = calibration or Path(__file__).resolve().parent.parent / "experiments" / "results"
+            if (results / "exp5_ttft_anatomy.csv").exists():
+                from experiments.calibrate import from_results
+
+                cal = from_results(results)
+            elif calibration is not None:
+                raise DisaggError(f"{calibration} holds no exp5_ttft_anatomy.csv (run the experiments, or --probe)")
+            else:
+                cal = planner.DEFAULT_CALIBRATION
+        profile = planner.resolve_profile(model)
+        work = planner.Workload(prompt, output)
+        p = planner.make_plan(cal, profile, planner.parse_link(link), work, codec, concurrency, layer_streaming=layer_streaming)
+        table = Table("C", "architecture", "TTFT p50 ms", "TPOT p50 ms", "out tok/s", "req/s", "GPU node busy", "CPU node busy",
+                      title=f"{profile.name} over {p.link.label}, {codec} KV, prompt {prompt}, output {output}; "
+                            f"calibration: {cal.source}", title_justify="left")
+        for row in planner.render(p):
+            mark = "bold" if row["concurrency"] == concurrency and row["architecture"] == p.recommendation else ""
+            table.add_row(str(row["concurrency"]), row["architecture"], f"{row['ttft_ms']:.0f}", f"{row['tpot_ms']:.1f}",
+                          f"{row['output_tok_s']:.1f}", f"{row['request_s']:.2f}", f"{row['gpu_busy'] * 100:.0f}%",
+                          f"{row['cpu_busy'] * 100:.0f}%", style=mark)
+        console.print(table)
+        console.print(f"crossover: {'disaggregated out-serves replicated from concurrency ' + str(p.crossover) if p.crossover else 'none in 1..32'}",
+                      highlight=False)
+        console.print(f"[bold]recommendation at concurrency {concurrency}: {p.recommendation}[/]")
+        for reason in p.reasons:
+            console.print(f"  - {reason}", highlight=False)
+        if json_out:
+            print(json.dumps({"model": profile.name, "link": p.link.label, "codec": codec, "prompt": prompt, "output": output,
+                              "concurrency": concurrency, "crossover": p.crossover, "recommendation": p.recommendation,
+                              "reasons": list(p.reasons), "predictions": planner.render(p), "calibration": cal.source}))
+    except DisaggError as e:
+        _fail(e)
+
+
 # --- model ----------------------------------------------------------------------------------
 
 
