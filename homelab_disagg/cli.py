@@ -121,6 +121,8 @@ def serve(
     slots: Annotated[int, typer.Option(help="Local decode workers' sequence slots.")] = 8,
     max_queue: Annotated[int, typer.Option(help="Local decode workers' admitted requests beyond the slots.")] = 32,
     slot_ctx: Annotated[int, typer.Option(help="Local decode workers' context tokens per slot.")] = 2048,
+    prefill_threads: Annotated[int, typer.Option(help="Local prefill worker's torch threads (0: torch's default).")] = 0,
+    decode_threads: Annotated[int, typer.Option(help="Local decode workers' llama.cpp threads (0: the worker's default).")] = 0,
     codec: Annotated[Optional[str], typer.Option(help="KV codec on the wire. Default: the lab's (f16).")] = None,
     log_level: Annotated[str, typer.Option(help="HTTP server log level.")] = "warning",
 ) -> None:
@@ -143,8 +145,11 @@ def serve(
             lab = load_lab(config)
         else:
             arch = architecture or LabConfig().architecture
-            local = LocalLab(_model_path(model), prefill_args=["--device", device], num_decode=decode_workers,
-                             decode_args=["--slots", str(slots), "--max-queue", str(max_queue), "--slot-ctx", str(slot_ctx)])
+            # on one box the workers share its cores: --prefill-threads/--decode-threads split them
+            local = LocalLab(_model_path(model), prefill_args=["--device", device, "--threads", str(prefill_threads)],
+                             num_decode=decode_workers,
+                             decode_args=["--slots", str(slots), "--max-queue", str(max_queue), "--slot-ctx", str(slot_ctx),
+                                          "--threads", str(decode_threads)])
             with console.status("starting worker processes on this machine (first start converts the GGUF once)"):
                 lab = local.start(with_prefill=arch != "colocated-cpu")
         changes = {k: v for k, v in (("architecture", architecture), ("http_host", host), ("http_port", port),
