@@ -511,6 +511,7 @@ class Prediction:
     request_s: float
     gpu_busy: float  # fraction of the run each node was busy
     cpu_busy: float
+    requests: int = 0  # completed
 
 
 def simulate(costs: Costs, arch: str, workload: Workload, concurrency: int, slots: int = 32) -> Prediction:
@@ -541,7 +542,7 @@ def simulate(costs: Costs, arch: str, workload: Workload, concurrency: int, slot
         arch, concurrency, statistics.median(r.t_first - r.t_issue for r in done),
         statistics.median(tpots) if tpots else 0.0, statistics.median(r.t_done - r.t_issue for r in done),
         sum(r.output for r in done) / wall * 1e3, len(done) / wall * 1e3,
-        min(1.0, lab.busy_ms["gpu"] / wall), min(1.0, lab.busy_ms["cpu"] / wall),
+        min(1.0, lab.busy_ms["gpu"] / wall), min(1.0, lab.busy_ms["cpu"] / wall), len(done),
     )
 
 
