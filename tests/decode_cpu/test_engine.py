@@ -14,16 +14,18 @@ from tests.conftest import needs_llama
 pytestmark = needs_llama
 
 SLOTS, SLOT_CTX, MAX_QUEUE = 4, 128, 2
+# one llama.cpp thread: these tests check behaviour, not speed, and on a shared 2-core box a second
+# thread spin-waiting at every graph node's barrier makes each step many times slower under load
+THREADS = 1
 
 
 @pytest.fixture(scope="module")
 def engine(model_info):
     from decode_cpu.engine import DecodeEngine
-    from decode_cpu.numa import default_num_threads
     from homelab_disagg.config import DecodeWorkerConfig
 
     cfg = DecodeWorkerConfig(model_info.path, num_slots=SLOTS, slot_ctx_tokens=SLOT_CTX, max_queue=MAX_QUEUE)
-    e = DecodeEngine(cfg, model_info, default_num_threads())
+    e = DecodeEngine(cfg, model_info, THREADS)
     yield e
     e.close()
 
@@ -373,18 +375,17 @@ def test_a_failed_decode_step_fails_its_sequences_and_the_engine_goes_on(engine,
 
 @pytest.mark.slow
 def test_a_thousand_sequences_leak_no_slot_cell_or_memory(model_info):
-    """1,000 short requests through one 32-slot engine: injected KV, local prefill, cancels and bad
+    """1,000 short requests through one 16-slot engine: injected KV, local prefill, cancels and bad
     KV mixed in. RSS after all of them stays within 5% of RSS after the first 100."""
     import psutil
 
     from decode_cpu.engine import DecodeEngine
-    from decode_cpu.numa import default_num_threads
     from homelab_disagg.config import DecodeWorkerConfig
     from wire.messages import Sampling
 
-    num_slots = 32  # wide batches: fewer steps for the same 1,000 requests
+    num_slots = 16  # wide batches: fewer steps for the same 1,000 requests
     cfg = DecodeWorkerConfig(model_info.path, num_slots=num_slots, slot_ctx_tokens=64, max_queue=num_slots)
-    e = DecodeEngine(cfg, model_info, default_num_threads())
+    e = DecodeEngine(cfg, model_info, THREADS)
     proc = psutil.Process()
     try:
         prompts = [ids_of(e, w) for w in ("Hello there you", "The cat sat", "Snow is white and", "One two three",
@@ -396,8 +397,8 @@ def test_a_thousand_sequences_leak_no_slot_cell_or_memory(model_info):
         while done < 1000:
             while submitted < 1000 and len(e.seqs) < 2 * num_slots:
                 i, rid = submitted % len(prompts), b"r%d" % submitted
-                sampling = Sampling(max_tokens=2 + submitted % 3)
-                if submitted % 5 == 0:
+                sampling = Sampling(max_tokens=2 + submitted % 2)
+                if submitted % 20 == 0:
                     e.admit(rid, prompts[i], sampling, local_prefill=True)
                 else:
                     state = states[i] if submitted % 7 else states[i][:-10]  # every 7th: truncated KV
@@ -421,7 +422,7 @@ def test_a_thousand_sequences_leak_no_slot_cell_or_memory(model_info):
         rss_1000 = proc.memory_info().rss
         assert e.num_finished == 1000 and not e.seqs and not e.running and not e.prefilling
         assert e.slots.num_free == num_slots and all(e.ctx.seq_pos_max(s) == -1 for s in range(num_slots))
-        assert outcomes["cancelled"] > 50 and outcomes["failed"] > 50 and outcomes["length"] > 500
+        assert outcomes["cancelled"] > 50 and outcomes["failed"] > 50 and outcomes["length"] > 600
         assert rss_1000 <= rss_100 * 1.05, f"RSS grew from {rss_100 / 2**20:.1f} to {rss_1000 / 2**20:.1f} MiB"
     finally:
         e.close()
