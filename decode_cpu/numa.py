@@ -201,17 +201,18 @@ def bind_memory(node_id: int) -> bool:
     return libc.syscall(nr, MPOL_BIND, mask, ctypes.c_ulong(words * 64 + 1)) == 0
 
 
-def bind_process(node_id: int, root: Path = SYSFS, reexec: bool = True) -> Binding:
-    """Bind this process to `node_id`'s CPUs and memory. Under numactl this re-executes the
-    process (same interpreter, same arguments) and does not return; the new process finds itself
-    bound and returns method "already"."""
+def bind_process(node_id: int, root: Path = SYSFS, reexec_marker: str | None = None) -> Binding:
+    """Bind this process to `node_id`'s CPUs and memory. With `reexec_marker` (an argument the
+    program accepts and ignores) and numactl present, this re-executes the process under numactl
+    (same interpreter, same arguments plus the marker) and does not return; the new process is
+    called without a marker, so it binds itself at most by affinity and never re-executes again."""
     topo = read_topology(root)
-    numactl = shutil.which("numactl") if reexec else None
+    numactl = shutil.which("numactl") if reexec_marker else None
     plan = plan_binding(topo, node_id, os.sched_getaffinity(0), numactl)
     if plan.method == "numactl" and _numactl_works(numactl, node_id):
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execv(numactl, numactl_argv(numactl, node_id, [sys.executable, *sys.orig_argv[1:]]))
+        os.execv(numactl, numactl_argv(numactl, node_id, [sys.executable, *sys.orig_argv[1:], reexec_marker]))
     if plan.method != "already":
         os.sched_setaffinity(0, plan.cpus)
         plan = Binding(plan.node_id, plan.cpus, plan.num_threads, "affinity", False)

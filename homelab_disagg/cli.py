@@ -210,6 +210,7 @@ def decode_worker(
     max_queue: Annotated[int, typer.Option(help="Admitted requests that may wait beyond the slots.")] = 32,
     kv_timeout: Annotated[float, typer.Option(help="Seconds a KV stream may stall before its slot is freed.")] = 30.0,
     name: Annotated[str, typer.Option(help="Worker name in status and metrics.")] = "decode0",
+    numa_bound: Annotated[bool, typer.Option("--numa-bound", hidden=True)] = False,  # set by the numactl re-exec
 ) -> None:
     """Serve decode requests: receive KV, inject it into llama.cpp, decode in batches."""
     try:
@@ -220,7 +221,7 @@ def decode_worker(
             from decode_cpu import numa
 
             # before anything else loads: may re-execute this command under numactl
-            binding = numa.bind_process(numa_node)
+            binding = numa.bind_process(numa_node, reexec_marker=None if numa_bound else "--numa-bound")
             threads = threads or binding.num_threads
             err_console.print(binding.describe(), highlight=False)
         from decode_cpu import worker

@@ -89,10 +89,50 @@ def test_numactl_argv():
 
 def test_bind_process_here_binds_cpus_and_memory():
     """In a child process (binding is process-wide): node 0 of this machine, without re-exec."""
-    code = ("from decode_cpu import numa; import os; b = numa.bind_process(0, reexec=False); "
+    code = ("from decode_cpu import numa; import os; b = numa.bind_process(0); "
             "print(b.method, sorted(os.sched_getaffinity(0)) == list(b.cpus), b.num_threads >= 1, b.memory_bound)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60, cwd=Path(__file__).parents[2])
     assert done.returncode == 0, done.stderr
     method, same, threads_ok, _mem = done.stdout.split()
     assert method in ("already", "affinity") and same == "True" and threads_ok == "True"
+
+
+def _one_cpu_node0(tmp_path) -> Path:
+    """A sysfs tree where node 0 holds only CPU 0 (and node 1 the rest), over this machine's CPUs."""
+    cpus = sorted(os.sched_getaffinity(0))
+    for n, mine in ((0, cpus[:1]), (1, cpus[1:])):
+        d = tmp_path / f"devices/system/node/node{n}"
+        d.mkdir(parents=True)
+        (d / "cpulist").write_text(numa.format_cpulist(mine) + "\n")
+    return tmp_path
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to bind to fewer")
+def test_bind_process_re_executes_under_numactl_once(tmp_path):
+    """node 0 of the fake tree is CPU 0 alone while this process may use more: the process
+    re-executes under numactl (marker appended), then binds by affinity and stops there."""
+    import shutil
+
+    if not shutil.which("numactl"):
+        pytest.skip("numactl is not installed")
+    root = _one_cpu_node0(tmp_path)
+    code = ("import os, sys; from decode_cpu import numa; "
+            f"b = numa.bind_process(0, root={str(root)!r}, reexec_marker=None if '--bound' in sys.argv else '--bound'); "
+            "print('--bound' in sys.argv, b.method, sorted(os.sched_getaffinity(0)), b.num_threads)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).parents[2])
+    assert done.returncode == 0, done.stderr
+    # numactl bound it to the real node 0 (every CPU here); the fake node 0 is narrower, so the
+    # re-executed process narrowed itself by affinity instead of re-executing again
+    assert done.stdout.split() == ["True", "affinity", "[0]", "1"], done.stdout
+
+
+def test_bind_process_without_marker_never_re_executes(tmp_path):
+    root = _one_cpu_node0(tmp_path)
+    code = (f"import os; from decode_cpu import numa; b = numa.bind_process(0, root={str(root)!r}); "
+            "print(b.method, sorted(os.sched_getaffinity(0)))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).parents[2])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[0] == ("affinity" if len(os.sched_getaffinity(0)) > 1 else "already")

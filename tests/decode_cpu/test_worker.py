@@ -104,3 +104,15 @@ def test_bad_requests_are_refused_and_good_ones_stream_on(endpoint):
         pong = c.recv()
     assert pong.free_slots == pong.num_slots == 2 and pong.queued == 0
     c.ctx.destroy(linger=0)
+
+
+@pytest.mark.parametrize("node", ["7"])
+def test_decode_worker_on_a_missing_numa_node_fails_in_one_line(node, model_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "homelab_disagg", "decode-worker", "--model", str(model_path),
+                           "--numa-node", node], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 1 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: NUMA node 7 does not exist") and "nodes: 0" in lines[0]
