@@ -144,6 +144,9 @@ def plot(points: list[dict], out_dir: Path, title: str) -> Path:
                 if ps:
                     ax.plot([p["concurrency"] for p in ps], [p[key] for p in ps], marker="o", label=arch, color=COLORS[arch])
             ax.set_xscale("log", base=2)
+            cs = sorted({p["concurrency"] for p in points})
+            ax.set_xticks(cs, [str(c) for c in cs])
+            ax.tick_params(axis="x", which="minor", bottom=False)
             if key == "p50_ttft_ms":
                 ax.set_yscale("log")
             ax.set_xlabel("concurrency")

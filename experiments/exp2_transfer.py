@@ -237,6 +237,9 @@ def plot(rows: list[dict], out_dir: Path, title: str) -> Path:
                     ax.plot([m["prompt"] for m in ms], [max(m["added_ttft_ms"], 0.1) for m in ms], ls, marker="o",
                             color=colors[codec], label=f"{codec}, {'layer streaming' if streaming else 'whole request'}")
         ax.set_xscale("log", base=2)
+        ps = sorted({m["prompt"] for m in med})
+        ax.set_xticks(ps, [str(x) for x in ps])
+        ax.tick_params(axis="x", which="minor", bottom=False)
         ax.set_yscale("log")
         ax.set_title(link)
         ax.set_xlabel("prompt tokens")

@@ -23,14 +23,17 @@ from experiments import common
 ORDER = ("f16", "f16+bp-zstd", "q8_0", "kivi4", "kivi4@q8_0", "q4_0", "llama own q8_0", "llama own q4_0")
 
 
-def run_bench(model: Path, prompts: int, repeats: int) -> dict:
-    """The bench's JSON line (its own CSV goes to a scratch file)."""
+def run_bench(model: Path, prompts: int, repeats: int, cpus=None) -> dict:
+    """The bench's JSON line (its own CSV goes to a scratch file). `cpus`: the GPU node's side of
+    the box, so torch encodes with the threads a prefill worker has there."""
+    import os
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         argv = [sys.executable, "-m", "homelab_disagg", "bench", "codecs", "--model", str(model), "--prompts", str(prompts),
                 "--repeats", str(repeats), "--json", "--csv", str(Path(tmp) / "bench-codecs.csv")]
-        done = subprocess.run(argv, stdout=subprocess.PIPE, text=True)
+        done = subprocess.run(argv, stdout=subprocess.PIPE, text=True,
+                              preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
     if done.returncode != 0:
         raise SystemExit(f"exp3: `homelab-disagg bench codecs` failed (rc {done.returncode})")
     print("\n".join(done.stdout.strip().splitlines()[:-1]))
@@ -69,7 +72,7 @@ def plot(rows: list[dict], out_dir: Path, title: str) -> Path:
     ax2.set_ylabel("GB/s of f16 KV (best of repeats, log)")
     ax2.axhline(1.25, color="gray", ls="--", lw=0.8)
     ax2.annotate("10GbE line rate", (0, 1.3), fontsize=7, color="gray")
-    ax2.legend(fontsize=8)
+    ax2.legend(fontsize=8, loc="center left")
     ax2.set_title("speed")
     ax3.bar(range(len(rows)), [r["top1"] * 100 for r in rows], color=["tab:blue" if "ratio" in r else "gray" for r in rows])
     ax3.set_xticks(range(len(rows)), [r["codec"] for r in rows], rotation=30, fontsize=8)
@@ -85,16 +88,19 @@ def main(argv: list[str] | None = None) -> None:
     p = common.base_parser(__doc__)
     p.add_argument("--prompts", type=int, default=None, help="prompts in the quality comparison (default 8; --quick 2)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 7; --quick 3)")
+    p.add_argument("--decode-cpus", default=None, help="as in the other experiments: the bench runs on the other CPUs "
+                                                       "(the prefill worker's); 'none': no pinning")
     args = p.parse_args(argv)
     path = common.model_path(args.model)
     prompts, repeats = args.prompts or (2 if args.quick else 8), args.repeats or (3 if args.quick else 7)
     t0 = time.time()
-    summary = run_bench(path, prompts, repeats)
+    split = common.node_split(args.decode_cpus)
+    summary = run_bench(path, prompts, repeats, split.prefill_cpus)
     rows = rows_from(summary)
     meta = {"experiment": "exp3_codecs", **common.model_meta(path), "prompts": summary["prompts"],
             "positions": summary["positions"], "ppl_ref": summary["ppl_ref"], "prefill_device": summary["prefill_device"],
             "torch_threads": summary["torch_threads"], "repeats": summary["repeats"], "quick": args.quick,
-            "bench_git_rev": summary["meta"].get("git_rev", "")}
+            "bench_git_rev": summary["meta"].get("git_rev", ""), "bench_cpus": split.label}
     csv_path = common.save_csv(args.out, "exp3_codecs", rows, meta)
     png = plot(rows, args.out, f"{meta['model']}: {summary['prompts']} prompts, {summary['positions']} teacher-forced "
                                f"positions; encode on {summary['prefill_device']}")

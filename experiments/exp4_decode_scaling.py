@@ -110,8 +110,11 @@ def plot(rows: list[dict], out_dir: Path, title: str) -> Path:
         label = f"{pl}, {th} thread{'s' if th > 1 else ''}"
         ax.plot([r["batch"] for r in rs], [r["tok_s"] for r in rs], marker="o", label=label)
         ax2.plot([r["batch"] for r in rs], [r["bw_fraction"] * 100 for r in rs], marker="o", label=label)
+    bs = sorted({r["batch"] for r in rows})
     for a in (ax, ax2):
         a.set_xscale("log", base=2)
+        a.set_xticks(bs, [str(b) for b in bs])
+        a.tick_params(axis="x", which="minor", bottom=False)
         a.set_xlabel("sequences decoding together (batch)")
         a.legend(fontsize=8)
     ax.set_ylabel("aggregate decode tokens/s")
