@@ -161,15 +161,19 @@ def run_bench(model_path: Path, num_prompts: int, repeats: int, csv_path, json_o
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("codecs: prefill, encode, decode, inject, compare", total=num_prompts + len(CONFIGS))
         rows, summary = measure(model_path, num_prompts, repeats, progress=lambda: bar.advance(task))
+    from wire.codecs import get_codec
+
     shown = []
     for r in rows:
         speed = "encode_gbps" in r
+        passes = speed and "@" not in r["codec"] and get_codec(r["codec"]).native_cache_type == r["cache"]
         shown.append({
             "codec": r["codec"], "cache": r["cache"],
             "bytes/token": round(r["bytes_per_token"]) if speed else "",
             "ratio vs f16": r.get("ratio", ""),
             "encode GB/s best/med": f"{r['encode_gbps']:.2f} / {r['encode_gbps_median']:.2f}" if speed else "",
-            "decode GB/s best/med": f"{r['decode_gbps']:.2f} / {r['decode_gbps_median']:.2f}" if speed else "",
+            "decode GB/s best/med": (f"{r['decode_gbps']:.2f} / {r['decode_gbps_median']:.2f}"
+                                     + (" (pass-through)" if passes else "")) if speed else "",
             "decode payload GB/s": r.get("decode_payload_gbps", ""),
             "top1": r["top1"], "KL": f"{r['kl']:.5f}", "ppl change %": r["ppl_change_pct"],
         })

@@ -5,13 +5,13 @@ n_kv_heads * head_dim), already in llama.cpp's element order (keys re-interleave
 by the prefill side). A codec turns each matrix into a payload; the decode side turns payloads
 into rows of the llama.cpp cache type, ready to be laid into a sequence state buffer.
 
-    f16     raw f16 rows                                            2     bytes/elem
-    q8_0    llama.cpp's q8_0 blocks, Hadamard-rotated as llama.cpp does  34/32 bytes/elem
-    q4_0    llama.cpp's q4_0 blocks, Hadamard-rotated                     18/32 bytes/elem
-    kivi4   KIVI int4, asymmetric: K per channel over groups of 32 tokens
-            (the last T % 32 tokens per token), V per token over groups of
-            32 channels; f16 scale and zero per group                    20/32 bytes/elem
-    f16+bp-zstd  lossless: the f16 high-byte plane through zstd, low bytes raw (wire/lossless.py)
+    f16          raw f16 rows                                                       2 bytes/elem
+    q8_0         llama.cpp's q8_0 blocks, Hadamard-rotated as llama.cpp does    34/32 bytes/elem
+    q4_0         llama.cpp's q4_0 blocks, Hadamard-rotated                      18/32 bytes/elem
+    kivi4        KIVI int4, asymmetric, f16 scale and zero per group: K per
+                 channel over groups of 32 tokens (the T % 32 extra tokens join
+                 the last group), V per token over groups of 32 channels      <= 20/32 bytes/elem
+    f16+bp-zstd  lossless: the f16 high-byte plane through zstd, low bytes raw  ~1.7 bytes/elem
 
 q8_0/q4_0 payloads are exactly the rows llama.cpp keeps in a cache of that type, so a decode worker
 with that `kv_cache_type` lays them in with no re-layout. Any payload can fill any cache type: the
