@@ -63,18 +63,33 @@ class ModelProfile:
 
     @classmethod
     def from_gguf(cls, path: Path) -> "ModelProfile":
+        """Geometry from the header, parameters and bytes from the tensor table (one read of the header)."""
         from gguf import GGUFReader
 
-        from homelab_disagg.model import read_model_info
+        from homelab_disagg.model import SUPPORTED_ARCHITECTURES, resolve_model
 
-        info = read_model_info(path)
-        tensors = GGUFReader(info.path).tensors
-        names = {t.name for t in tensors}
+        path = resolve_model(path)
+        try:
+            reader = GGUFReader(path)
+        except Exception as e:  # the reader raises bare ValueErrors on damaged files
+            raise ModelError(f"{path} could not be parsed as GGUF ({e})") from None
+
+        def field(key: str, default=None):
+            f = reader.fields.get(key)
+            return default if f is None else f.contents()
+
+        arch = field("general.architecture")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ModelError(f"{path.name}: architecture {arch!r} is not supported; use a llama-architecture GGUF")
+        heads, hidden = int(field(f"{arch}.attention.head_count")), int(field(f"{arch}.embedding_length"))
+        names = {t.name for t in reader.tensors}
         # a tied model's LM head is the embedding table, read whole each step; an untied one reads one row of it
         skipped = "token_embd.weight" if "output.weight" in names else None
-        return cls(info.name, info.num_layers, info.num_heads, info.num_kv_heads, info.head_dim, info.hidden_size,
-                   int(sum(int(t.n_elements) for t in tensors)),
-                   int(sum(int(t.n_bytes) for t in tensors if t.name != skipped)))
+        return cls(str(field("general.name", path.stem)), int(field(f"{arch}.block_count")), heads,
+                   int(field(f"{arch}.attention.head_count_kv", heads)),
+                   int(field(f"{arch}.attention.key_length", hidden // heads)), hidden,
+                   int(sum(int(t.n_elements) for t in reader.tensors)),
+                   int(sum(int(t.n_bytes) for t in reader.tensors if t.name != skipped)))
 
 
 # Geometry of models one may plan for without their GGUF at hand (weights: Q4_K_M sizes, read per step).
