@@ -223,6 +223,16 @@ def pyplot():
     return plt
 
 
+def draw(plot_fn, *args) -> Path | str:
+    """plot_fn(*args) -> its PNG. Without matplotlib (a bare GPU box) the CSV is still written and
+    this says how to draw the PNG later from it."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return "no PNG (matplotlib is not installed: pip install matplotlib; python3 -m experiments.replot DIR)"
+    return plot_fn(*args)
+
+
 def save_plot(fig, out_dir: Path, name: str) -> Path:
     path = Path(out_dir) / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)

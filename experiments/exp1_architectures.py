@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
             "workloads": "; ".join(f"{w.name}: prompt {w.prompt_lo}-{w.prompt_hi}, output {w.output_tokens}" for w in wls)}
     common.save_csv(args.out, "exp1_requests", rows, meta)
     csv_path = common.save_csv(args.out, "exp1_architectures", points, meta)
-    png = plot(points, args.out, f"{meta['model']}, prefill device {facts.get('prefill_device', '?')}, {split.label}; "
+    png = common.draw(plot, points, args.out, f"{meta['model']}, prefill device {facts.get('prefill_device', '?')}, {split.label}; "
                                  f"max(4, C) requests per point")
     print_summary(points)
     print(f"exp1 done in {time.time() - t0:.0f} s: {csv_path}, {png}")

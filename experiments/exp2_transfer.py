@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = {"experiment": "exp2_transfer", **common.model_meta(path), **common.split_meta(split), "repeats": args.repeats,
             "quick": args.quick, "tbf_burst_capped": True}
     csv_path = common.save_csv(args.out, "exp2_transfer", rows, meta)
-    png = plot(rows, args.out, f"{meta['model']}, {split.label}; one disaggregated request at a time, 2 output tokens")
+    png = common.draw(plot, rows, args.out, f"{meta['model']}, {split.label}; one disaggregated request at a time, 2 output tokens")
     print(f"{'link':>9} {'prompt':>6} {'codec':>6} {'mode':>6} {'TTFT':>9} {'added':>8} {'exposed':>8} {'KV MB':>7}")
     for m in medians(rows):
         print(f"{m['link']:>9} {m['prompt']:>6} {m['codec']:>6} {'stream' if m['layer_streaming'] else 'whole':>6} "

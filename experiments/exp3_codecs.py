@@ -49,12 +49,17 @@ def rows_from(summary: dict) -> list[dict]:
     return sorted(rows, key=lambda r: ORDER.index(r["codec"]) if r["codec"] in ORDER else len(ORDER))
 
 
+def _coded(row: dict) -> bool:
+    """A codec row (ratio, speeds), not llama.cpp's own quantized cache (quality only)."""
+    return row.get("ratio") not in (None, "")
+
+
 def plot(rows: list[dict], out_dir: Path, title: str) -> Path:
     plt = common.pyplot()
     fig, (ax, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.8))
-    coded = [r for r in rows if "ratio" in r]
+    coded = [r for r in rows if _coded(r)]
     for r in rows:
-        if "ratio" in r:
+        if _coded(r):
             ax.scatter(r["ratio"], max(r["kl"], 1e-6), s=50)
             ax.annotate(r["codec"], (r["ratio"], max(r["kl"], 1e-6)), fontsize=8, xytext=(4, 4), textcoords="offset points")
         else:
@@ -74,7 +79,7 @@ def plot(rows: list[dict], out_dir: Path, title: str) -> Path:
     ax2.annotate("10GbE line rate", (0, 1.3), fontsize=7, color="gray")
     ax2.legend(fontsize=8, loc="center left")
     ax2.set_title("speed")
-    ax3.bar(range(len(rows)), [r["top1"] * 100 for r in rows], color=["tab:blue" if "ratio" in r else "gray" for r in rows])
+    ax3.bar(range(len(rows)), [r["top1"] * 100 for r in rows], color=["tab:blue" if _coded(r) else "gray" for r in rows])
     ax3.set_xticks(range(len(rows)), [r["codec"] for r in rows], rotation=30, fontsize=8)
     lo = min(r["top1"] for r in rows) * 100
     ax3.set_ylim(max(0, lo - 3), 100)
@@ -102,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
             "torch_threads": summary["torch_threads"], "repeats": summary["repeats"], "quick": args.quick,
             "bench_git_rev": summary["meta"].get("git_rev", ""), "bench_cpus": split.label}
     csv_path = common.save_csv(args.out, "exp3_codecs", rows, meta)
-    png = plot(rows, args.out, f"{meta['model']}: {summary['prompts']} prompts, {summary['positions']} teacher-forced "
+    png = common.draw(plot, rows, args.out, f"{meta['model']}: {summary['prompts']} prompts, {summary['positions']} teacher-forced "
                                f"positions; encode on {summary['prefill_device']}")
     print(f"{'codec':>15} {'ratio':>6} {'enc GB/s':>9} {'dec GB/s':>9} {'top1 %':>7} {'KL':>9} {'ppl %':>7}")
     for r in rows:

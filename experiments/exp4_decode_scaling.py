@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
             "prompt_tokens": args.prompt, "steps": args.steps, "repeats": repeats, "quick": args.quick,
             "weights_read_per_step_bytes": ModelProfile.from_gguf(path).weight_bytes}
     csv_path = common.save_csv(args.out, "exp4_decode_scaling", rows, meta)
-    png = plot(rows, args.out, f"{meta['model']}, prompt {args.prompt}, KV {args.kv_type}, flash attention, greedy; "
+    png = common.draw(plot, rows, args.out, f"{meta['model']}, prompt {args.prompt}, KV {args.kv_type}, flash attention, greedy; "
                                f"bandwidth: numpy copy, same threads")
     print(f"{'placement':>10} {'threads':>7} {'batch':>5} {'tok/s':>8} {'step ms':>8} {'GB/s':>6} {'copy GB/s':>9} {'of bw':>6}")
     for r in rows:

@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
             **facts, **common.split_meta(split), "repeats": repeats, "output_tokens": args.output,
             "quick": args.quick}
     csv_path = common.save_csv(args.out, "exp5_ttft_anatomy", rows, meta)
-    png = plot(rows, args.out, f"{meta['model']}, {split.label}, {args.codec} KV, layer streaming, concurrency 1")
+    png = common.draw(plot, rows, args.out, f"{meta['model']}, {split.label}, {args.codec} KV, layer streaming, concurrency 1")
     print_summary(rows)
     print(f"exp5 done in {time.time() - t0:.0f} s: {csv_path}, {png}")
 

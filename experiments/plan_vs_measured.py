@@ -129,7 +129,9 @@ def main(argv: list[str] | None = None) -> None:
     write_csv(out / "plan_vs_measured.csv",
               [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows], meta)
     (out / "calibration.json").write_text(json.dumps(cal.to_dict(), indent=2) + "\n")
-    png = plot(rows, out)
+    from experiments.common import draw
+
+    png = draw(plot, rows, out)
     print(f"{'experiment/metric':>24} {'median |error|':>15}")
     for k, v in errors.items():
         flag = "" if not (k.endswith("ttft_ms") or k.endswith("output_tok_s")) or k.endswith("added_ttft_ms") else (
