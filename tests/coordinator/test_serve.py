@@ -118,7 +118,9 @@ def lab(model_path, tmp_path_factory):
     from coordinator.launcher import LocalLab
 
     logs = tmp_path_factory.mktemp("serve-logs")
-    local = LocalLab(model_path, prefill_args=["--device", "cpu", "--threads", "1"], log_dir=logs)
+    # one thread per worker: on 2 shared cores, llama.cpp's and torch's spinning thread pools stall each other
+    local = LocalLab(model_path, prefill_args=["--device", "cpu", "--threads", "1"], decode_args=["--threads", "1"],
+                     log_dir=logs)
     cfg = local.start()
     yield cfg, write_lab_toml(logs / "lab.toml", cfg), logs
     local.stop()
@@ -356,7 +358,7 @@ def test_no_capacity_is_503_with_retry_after(tmp_path):
     """`serve` without --config starts its own decode worker: one slot, no queue."""
     from coordinator.launcher import free_port
 
-    s = ServeProcess(["--architecture", "colocated-cpu", "--slots", "1", "--max-queue", "0"], free_port(),
+    s = ServeProcess(["--architecture", "colocated-cpu", "--slots", "1", "--max-queue", "0", "--decode-threads", "1"], free_port(),
                      tmp_path / "serve.log").wait_ready()
     try:
         body = {"prompt": PROMPT, "max_tokens": 400, "ignore_eos": True, "stream": True}

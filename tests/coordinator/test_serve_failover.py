@@ -21,7 +21,8 @@ def lab(model_path, tmp_path_factory):
     from coordinator.launcher import LocalLab, free_port
 
     logs = tmp_path_factory.mktemp("failover-logs")
-    local = LocalLab(model_path, prefill_args=["--device", "cpu", "--threads", "1"], num_decode=2, log_dir=logs)
+    local = LocalLab(model_path, prefill_args=["--device", "cpu", "--threads", "1"], decode_args=["--threads", "1"],
+                     num_decode=2, log_dir=logs)
     cfg = local.start()
     serve = ServeProcess(["--config", str(write_lab_toml(logs / "lab.toml", cfg))], free_port(), logs / "serve.log")
     try:
