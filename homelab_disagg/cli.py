@@ -121,8 +121,8 @@ def serve(
     slots: Annotated[int, typer.Option(help="Local decode workers' sequence slots.")] = 8,
     max_queue: Annotated[int, typer.Option(help="Local decode workers' admitted requests beyond the slots.")] = 32,
     slot_ctx: Annotated[int, typer.Option(help="Local decode workers' context tokens per slot.")] = 2048,
-    prefill_threads: Annotated[int, typer.Option(help="Local prefill worker's torch threads (0: torch's default).")] = 0,
-    decode_threads: Annotated[int, typer.Option(help="Local decode workers' llama.cpp threads (0: the worker's default).")] = 0,
+    prefill_threads: Annotated[int, typer.Option(help="Local prefill worker's torch threads (0: its share of this box's CPUs).")] = 0,
+    decode_threads: Annotated[int, typer.Option(help="Local decode workers' llama.cpp threads (0: their share of this box's CPUs).")] = 0,
     codec: Annotated[Optional[str], typer.Option(help="KV codec on the wire. Default: the lab's (f16).")] = None,
     log_level: Annotated[str, typer.Option(help="HTTP server log level.")] = "warning",
 ) -> None:
@@ -130,6 +130,8 @@ def serve(
     Without --config it starts a prefill and decode worker on this machine; with --config it routes
     to the lab's workers."""
     try:
+        import os
+
         from coordinator.core import Coordinator
         from coordinator.launcher import LocalLab
         from coordinator.server import ServeOptions, serve_async
@@ -145,13 +147,20 @@ def serve(
             lab = load_lab(config)
         else:
             arch = architecture or LabConfig().architecture
-            # on one box the workers share its cores: --prefill-threads/--decode-threads split them
+            with_prefill = arch != "colocated-cpu"
+            # On one box the workers share its cores. Thread pools that spin (llama.cpp's, torch's) and
+            # together ask for more cores than there are stall each other for seconds: split the cores.
+            num_cpus = len(os.sched_getaffinity(0))
+            if with_prefill and not prefill_threads:
+                prefill_threads = max(1, num_cpus // (decode_workers + 1))
+            if not decode_threads:
+                decode_threads = max(1, (num_cpus - (prefill_threads if with_prefill else 0)) // decode_workers)
             local = LocalLab(_model_path(model), prefill_args=["--device", device, "--threads", str(prefill_threads)],
                              num_decode=decode_workers,
                              decode_args=["--slots", str(slots), "--max-queue", str(max_queue), "--slot-ctx", str(slot_ctx),
                                           "--threads", str(decode_threads)])
             with console.status("starting worker processes on this machine (first start converts the GGUF once)"):
-                lab = local.start(with_prefill=arch != "colocated-cpu")
+                lab = local.start(with_prefill=with_prefill)
         changes = {k: v for k, v in (("architecture", architecture), ("http_host", host), ("http_port", port),
                                      ("codec", codec)) if v is not None}
         lab = lab.with_(**changes)
