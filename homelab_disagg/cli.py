@@ -25,7 +25,8 @@ model_app = typer.Typer(no_args_is_help=True, help="The model: fetch the default
 app.add_typer(model_app, name="model")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: ours and the baseline side by side, table + CSV + --json.")
 app.add_typer(bench_app, name="bench")
-console = Console()
+# Tables are wide (the TTFT anatomy has 13 columns): 140 columns when output is not a terminal.
+console = Console(width=None if sys.stdout.isatty() else 140)
 err_console = Console(stderr=True)
 _state = {"debug": Env().debug}
 
@@ -66,8 +67,8 @@ def run(
     max_tokens: Annotated[int, typer.Option(help="Tokens generated per request.")] = 32,
     concurrency: Annotated[int, typer.Option(help="Requests in flight at once.")] = 1,
     device: Annotated[str, typer.Option(help="Prefill device: auto, cuda or cpu.")] = "auto",
-    codec: Annotated[str, typer.Option(help="KV codec on the wire.")] = "f16",
     engine: Annotated[str, typer.Option(help="Local prefill worker's engine: torch or vllm.")] = "torch",
+    codec: Annotated[str, typer.Option(help="KV codec on the wire.")] = "f16",
     layer_streaming: Annotated[bool, typer.Option(help="Send each layer's KV as soon as it is computed.")] = True,
     baselines: Annotated[bool, typer.Option(help="Also run llama.cpp alone and the prefill engine alone.")] = True,
     csv: Annotated[Optional[Path], typer.Option(help="CSV output path. Default: results/run-<time>.csv")] = None,
@@ -376,6 +377,25 @@ def model_info(model: ModelOpt = None) -> None:
 
 CsvOpt = Annotated[Optional[Path], typer.Option("--csv", help="CSV output path. Default: results/bench-<name>-<time>.csv")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
+
+
+@bench_app.command("wire")
+def bench_wire(
+    model: ModelOpt = None,
+    loopback_mb: Annotated[int, typer.Option(help="MiB moved per loopback measurement.")] = 512,
+    link_mb: Annotated[int, typer.Option(help="MiB moved per Gbit of shaped link per measurement.")] = 96,
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt length for the overlap measurement.")] = 1024,
+    repeats: Annotated[int, typer.Option(help="Repeats per measurement (best goodput, median times).")] = 3,
+    csv: CsvOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """KV stream vs a plain TCP socket (loopback, 1 and 10 Gbit link lab) and layer-streaming overlap."""
+    try:
+        from benchmarks.wire import run_bench
+
+        run_bench(_model_path(model), loopback_mb, link_mb, prompt_tokens, repeats, csv, json_out, console)
+    except DisaggError as e:
+        _fail(e)
 
 
 @bench_app.command("decode")
