@@ -1,15 +1,17 @@
 """`homelab-disagg bench decode`: the batching decode engine against llama.cpp's own decode loop.
 
-Three configurations, each with its own context, measured side by side in one process:
+Four configurations, each with its own context, measured side by side in one process:
 
     llama.cpp loop   llama.cpp's `simple` example loop through raw ctypes: its own context
                      (n_seq_max 1, n_ctx = the slot context), llama_batch_get_one(token) ->
-                     llama_decode -> llama.cpp's greedy sampler, one token at a time
+                     llama_decode -> llama.cpp's greedy sampler, one token at a time (the baseline)
+    ... argmax       the same loop picking the token by numpy argmax over llama_get_logits, as the
+                     engine's greedy rows do: shows what is llama_decode and what is sampling
     engine x1        DecodeEngine (one context, --slots slots, kv_unified=false), one sequence
     engine xB        another DecodeEngine, same settings, B sequences decoding together (B = --batch)
 
-Same model, threads, context per sequence, flash attention (on) and KV type in all three; greedy,
-EOS ignored. The box is shared, so the three take turns in short blocks: a round is one block of
+Same model, threads, context per sequence, flash attention (on) and KV type in all four; greedy,
+EOS ignored. The box is shared, so the four take turns in short blocks: a round is one block of
 --steps steps of each, in an order that rotates every round, and the ratios are taken per round
 and over the medians of --repeats rounds. Blocks, not single steps: every llama.cpp context has
 its own thread pool whose threads spin for a while after a step, so alternating contexts step by
@@ -46,12 +48,12 @@ def _prompts(model, num: int, prompt_tokens: int) -> list[list[int]]:
 class LlamaLoop:
     """llama.cpp's own single-sequence decode loop (examples/simple), on its own context."""
 
-    def __init__(self, model, n_ctx: int, n_threads: int, kv_type: str):
+    def __init__(self, model, n_ctx: int, n_threads: int, kv_type: str, argmax: bool = False):
         import llama_cpp
 
         from decode_cpu import llama
 
-        self._c = llama_cpp
+        self._c, self.argmax = llama_cpp, argmax
         self.ctx = llama.LlamaContext(model, llama.ContextParams(n_ctx=n_ctx, n_seq_max=1, n_threads=n_threads,
                                                                  type_k=kv_type, type_v=kv_type, flash_attn=True))
         self.batch = llama.Batch(512)
@@ -82,7 +84,10 @@ class LlamaLoop:
         c, ctx = self._c, self.ctx._ptr
         if c.llama_decode(ctx, c.llama_batch_get_one(self._tok, 1)) != 0:
             raise RuntimeError("llama_decode failed in the baseline loop")
-        self._tok[0] = c.llama_sampler_sample(self.sampler, ctx, -1)
+        if self.argmax:
+            self._tok[0] = int(self.ctx.output_logits(1)[0].argmax())
+        else:
+            self._tok[0] = c.llama_sampler_sample(self.sampler, ctx, -1)
         return 1
 
     def close(self) -> None:
@@ -148,12 +153,15 @@ def measure(model_path: Path, threads: int, batch: int, slots: int, slot_ctx: in
                              kv_cache_type=kv_type, max_queue=0)
     engines = [DecodeEngine(cfg, info, threads) for _ in range(2)]
     loop = LlamaLoop(engines[0].model, engines[0].ctx.n_ctx_seq, threads, kv_type)
+    loop_argmax = LlamaLoop(engines[0].model, engines[0].ctx.n_ctx_seq, threads, kv_type, argmax=True)
     runs = []
     try:
         prompts = _prompts(engines[0].model, batch, prompt_tokens)
         states = [to_engine_layout(loop.state(ids[:-1]), engines[0].ctx.n_stream) for ids in prompts]
         loop.start(prompts[0])
-        runs = [("llama.cpp loop x1", 1, loop), ("engine x1", 1, EngineRun(engines[0], prompts[:1], states[:1])),
+        loop_argmax.start(prompts[0])
+        runs = [("llama.cpp loop x1", 1, loop), ("llama.cpp loop argmax x1", 1, loop_argmax),
+                ("engine x1", 1, EngineRun(engines[0], prompts[:1], states[:1])),
                 (f"engine x{batch}", batch, EngineRun(engines[1], prompts, states))]
         for i in range(warmup):
             for _, _, run in runs:
@@ -174,9 +182,10 @@ def measure(model_path: Path, threads: int, batch: int, slots: int, slot_ctx: in
             if progress:
                 progress()
     finally:
-        for _, _, run in runs[1:]:
+        for _, _, run in runs[2:]:
             run.close()
         loop.close()
+        loop_argmax.close()
         for e in engines:
             assert e.slots.num_free == slots and not e.seqs  # every sequence gave its slot back
             e.close()
@@ -189,7 +198,7 @@ def summarize(rows: list[dict], batch: int, threads: int, slot_ctx: int, prompt_
         by.setdefault(row["config"], []).append(row)
     med = {k: statistics.median(r["tok_s"] for r in v) for k, v in by.items()}
     tpot = {k: statistics.median(r["tpot_ms"] for r in v) for k, v in by.items()}
-    base, one, many = "llama.cpp loop x1", "engine x1", f"engine x{batch}"
+    base, base_argmax, one, many = "llama.cpp loop x1", "llama.cpp loop argmax x1", "engine x1", f"engine x{batch}"
     rounds = sorted({r["round"] for r in rows})
 
     def per_round(a, b, key="tok_s"):
@@ -200,13 +209,16 @@ def summarize(rows: list[dict], batch: int, threads: int, slot_ctx: int, prompt_
         "baseline": "llama.cpp examples/simple loop via raw ctypes (llama_batch_get_one + llama_decode + greedy sampler)",
         "threads": threads, "batch": batch, "slot_ctx": slot_ctx, "prompt_tokens": prompt_tokens, "kv_type": kv_type,
         "flash_attn": True, "repeats": len(rounds),
-        "llamacpp_tok_s": med[base], "engine_single_tok_s": med[one], f"engine_batch{batch}_tok_s": med[many],
+        "llamacpp_tok_s": med[base], "llamacpp_argmax_tok_s": med[base_argmax], "engine_single_tok_s": med[one],
+        f"engine_batch{batch}_tok_s": med[many],
         "tpot_ms_single": tpot[one], f"tpot_ms_batch{batch}": tpot[many],
         # ratios of medians; per-round ratios (same round, same load) beside them
         "single_vs_llamacpp": med[one] / med[base],
+        "single_vs_llamacpp_argmax": med[one] / med[base_argmax],
         f"batch{batch}_vs_single": med[many] / med[one],
         f"tpot_growth_batch{batch}": tpot[many] / tpot[one],
         "single_vs_llamacpp_rounds": per_round(one, base),
+        "single_vs_llamacpp_argmax_rounds": per_round(one, base_argmax),
         f"batch{batch}_vs_single_rounds": per_round(many, one),
     }
 
@@ -218,13 +230,13 @@ def run_bench(model_path: Path, threads: int, batch: int, slots: int, slot_ctx: 
     from benchmarks.report import emit, table
 
     with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("decode: llama.cpp loop, engine x1, engine xB, interleaved", total=repeats)
+        task = bar.add_task("decode: llama.cpp loops, engine x1, engine xB, in turns", total=repeats)
         rows, summary = measure(model_path, threads, batch, slots, slot_ctx, prompt_tokens, steps, warmup, repeats,
                                 kv_type, progress=lambda: bar.advance(task))
     if batch != 8:  # the names the issue asks for, whatever B was
         summary.setdefault("batch8_vs_single", None)
         summary.setdefault("tpot_growth_batch8", None)
-    order = ["llama.cpp loop x1", "engine x1", f"engine x{batch}"]
+    order = ["llama.cpp loop x1", "llama.cpp loop argmax x1", "engine x1", f"engine x{batch}"]
     med_rows = []
     for name in order:
         rs = [r for r in rows if r["config"] == name]
@@ -237,6 +249,8 @@ def run_bench(model_path: Path, threads: int, batch: int, slots: int, slot_ctx: 
         m["vs llama.cpp loop"] = m["tok/s median"] / base
     ratios = [{"figure": "engine x1 / llama.cpp loop (tok/s)", "median": summary["single_vs_llamacpp"],
                "rounds": " ".join(f"{x:.2f}" for x in summary["single_vs_llamacpp_rounds"])},
+              {"figure": "engine x1 / llama.cpp loop argmax (tok/s)", "median": summary["single_vs_llamacpp_argmax"],
+               "rounds": " ".join(f"{x:.2f}" for x in summary["single_vs_llamacpp_argmax_rounds"])},
               {"figure": f"engine x{batch} / engine x1 (aggregate tok/s)", "median": summary[f"batch{batch}_vs_single"],
                "rounds": " ".join(f"{x:.2f}" for x in summary[f"batch{batch}_vs_single_rounds"])},
               {"figure": f"TPOT growth x{batch} / x1 (per stream)", "median": summary[f"tpot_growth_batch{batch}"],
