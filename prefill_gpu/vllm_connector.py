@@ -123,6 +123,47 @@ class _Pending:
     num_tokens: int
 
 
+class ShipPlanner:
+    """Scheduler-side bookkeeping, plain Python: which of our requests compute in a step, and which
+    complete their prompt in it and so ship (with their whole block table) from that step's forward."""
+
+    def __init__(self, settings: WireSettings):
+        self.settings = settings
+        self.pending: dict[str, _Pending] = {}
+        self.shipped: set[str] = set()
+
+    def admit(self, req_id: str, params: dict | None, num_prompt_tokens: int) -> None:
+        target = ShipTarget.from_params(params)
+        if target is not None and req_id not in self.pending and req_id not in self.shipped:
+            self.pending[req_id] = _Pending(target, num_prompt_tokens)
+
+    def plan(self, num_computed: dict[str, int], num_scheduled: dict[str, int], block_ids_of) -> WireConnectorMetadata:
+        """num_computed: tokens each scheduled request had before this step; block_ids_of(req_id)."""
+        active, ship = [], []
+        for req_id, num_before in num_computed.items():
+            pending = self.pending.get(req_id)
+            if pending is None:
+                continue
+            active.append(req_id)
+            if num_before + num_scheduled[req_id] >= pending.num_tokens:
+                ship.append(ShipOrder(req_id, pending.target, tuple(block_ids_of(req_id)), pending.num_tokens))
+                del self.pending[req_id]
+                self.shipped.add(req_id)
+        return WireConnectorMetadata(tuple(active), tuple(ship))
+
+    def finish(self, req_id: str, params: dict | None, num_prompt_tokens: int) -> dict | None:
+        """The kv_transfer_params vLLM returns with the finished request (None: not ours)."""
+        pending = self.pending.pop(req_id, None)
+        shipped = req_id in self.shipped
+        self.shipped.discard(req_id)
+        target = pending.target if pending else ShipTarget.from_params(params)
+        if target is None:
+            return None
+        return {"request_id": target.request_id.hex(), "kv_addr": target.kv_addr, "codec": target.codec,
+                "num_tokens": num_prompt_tokens, "num_layers": self.settings.num_layers,
+                "fingerprint": self.settings.fingerprint.hex(), "shipped": shipped}
+
+
 @dataclass
 class _Shipment:
     """One request's KV on its way out. The sender thread writes the hand-over times and errors."""
@@ -154,9 +195,7 @@ class WireKVConnector(KVConnectorBase_V1):
             raise ValueError("WireKVConnector only produces KV (kv_role kv_producer): decode runs in llama.cpp")
         self.settings = WireSettings.from_extra(self._kv_transfer_config.kv_connector_extra_config)
         self.block_size = vllm_config.cache_config.block_size
-        # scheduler side
-        self._pending: dict[str, _Pending] = {}
-        self._shipped: set[str] = set()
+        self.planner = ShipPlanner(self.settings)  # scheduler side
         # worker side
         self.layout: PagedLayout | None = None
         self._layer_index: dict[str, int] = {}
@@ -177,39 +216,19 @@ class WireKVConnector(KVConnectorBase_V1):
         return 0, False  # a producer loads nothing
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
-        target = ShipTarget.from_params(request.kv_transfer_params)
-        if target is not None and request.request_id not in self._pending and request.request_id not in self._shipped:
-            self._pending[request.request_id] = _Pending(target, request.num_prompt_tokens)
+        self.planner.admit(request.request_id, request.kv_transfer_params, request.num_prompt_tokens)
 
     def build_connector_meta(self, scheduler_output) -> WireConnectorMetadata:
-        active, ship = [], []
         cached = scheduler_output.scheduled_cached_reqs
-        computed = {r.req_id: r.num_computed_tokens for r in scheduler_output.scheduled_new_reqs}
-        computed.update(zip(cached.req_ids, cached.num_computed_tokens))
-        for req_id, num_before in computed.items():
-            pending = self._pending.get(req_id)
-            if pending is None:
-                continue
-            active.append(req_id)
-            if num_before + scheduler_output.num_scheduled_tokens[req_id] >= pending.num_tokens:
-                block_ids = tuple(self._kv_cache_manager.get_block_ids(req_id)[0])
-                ship.append(ShipOrder(req_id, pending.target, block_ids, pending.num_tokens))
-                del self._pending[req_id]
-                self._shipped.add(req_id)
-        return WireConnectorMetadata(tuple(active), tuple(ship))
+        num_computed = {r.req_id: r.num_computed_tokens for r in scheduler_output.scheduled_new_reqs}
+        num_computed.update(zip(cached.req_ids, cached.num_computed_tokens))
+        return self.planner.plan(num_computed, scheduler_output.num_scheduled_tokens,
+                                 lambda req_id: self._kv_cache_manager.get_block_ids(req_id)[0])
 
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict | None]:
         """The blocks may go at once (the KV was copied out while each layer was saved). The params
         name what the decode side was sent, for the coordinator."""
-        pending = self._pending.pop(request.request_id, None)
-        shipped = request.request_id in self._shipped
-        self._shipped.discard(request.request_id)
-        target = pending.target if pending else ShipTarget.from_params(request.kv_transfer_params)
-        if target is None:
-            return False, None
-        return False, {"request_id": target.request_id.hex(), "kv_addr": target.kv_addr, "codec": target.codec,
-                       "num_tokens": request.num_prompt_tokens, "num_layers": self.settings.num_layers,
-                       "fingerprint": self.settings.fingerprint.hex(), "shipped": shipped}
+        return False, self.planner.finish(request.request_id, request.kv_transfer_params, request.num_prompt_tokens)
 
     # ==== worker side =========================================================================
 
