@@ -104,8 +104,11 @@ def local_lab(path: Path, split: NodeSplit, device: str = "auto", slots: int = 8
     dec_threads = len(split.decode_cpus) if split.decode_cpus else 0
     pre_threads = len(split.prefill_cpus) if split.prefill_cpus else 0
     lab = LocalLab(path, prefill_args=["--device", device, "--threads", str(pre_threads)],
+                   # --kv-timeout counts from admission, and a disaggregated request admitted behind a queue
+                   # of long prefills waits there for minutes on this box: not a stalled stream
                    decode_args=["--slots", str(slots), "--slot-ctx", str(slot_ctx), "--kv-type", kv_type,
-                                "--max-queue", str(max_queue), "--threads", str(dec_threads)], log_dir=log_dir)
+                                "--max-queue", str(max_queue), "--threads", str(dec_threads), "--kv-timeout", "3600"],
+                   log_dir=log_dir)
     mine = os.sched_getaffinity(0)
     try:
         cfg = lab.start(with_prefill=with_prefill)

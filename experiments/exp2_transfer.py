@@ -151,7 +151,8 @@ def measure_link(rate: float | None, model_path: Path, prompts: list[int], codec
                 threads = str(len(split.decode_cpus)) if split.decode_cpus else "0"
                 procs.append(_start(lab, lab.cpu_ns, base + [
                     "decode-worker", "--model", str(model_path), "--control", ctl, "--kv", kv, "--slots", "1",
-                    "--slot-ctx", str(slot_ctx), "--kv-type", cache, "--threads", threads, "--name", f"cpu-{cache}"],
+                    "--slot-ctx", str(slot_ctx), "--kv-type", cache, "--threads", threads, "--name", f"cpu-{cache}",
+                    "--kv-timeout", "3600"],
                     split.decode_cpus, log_dir / f"exp2-decode-{cache}.log"))
             cfg = {"prefill": pre_ctl, "decode": decode, "codecs": codecs, "prompts": prompts, "repeats": repeats}
             client = lab.popen(lab.gpu_ns, [sys.executable, "-m", "experiments.exp2_transfer", "--client", json.dumps(cfg)],

@@ -227,6 +227,19 @@ class Calibration:
             d[k] = Poly(**d[k])
         return cls(**d)
 
+    def scaled(self, gpu_prefill: float = 1.0, gpu_decode: float = 1.0, cpu_prefill: float = 1.0,
+               cpu_decode: float = 1.0) -> "Calibration":
+        """The same lab with each node's stages slower (> 1) or faster (< 1) by these factors."""
+        return replace(
+            self, gpu_prefill_ms=self.gpu_prefill_ms.scaled(gpu_prefill, gpu_prefill, gpu_prefill),
+            gpu_ttft_ms=self.gpu_ttft_ms.scaled(gpu_prefill, gpu_prefill, gpu_prefill),
+            encode_ms_per_mb={k: v * gpu_prefill for k, v in self.encode_ms_per_mb.items()},
+            gpu_tpot_ms=self.gpu_tpot_ms.scaled(gpu_decode, gpu_decode, gpu_decode),
+            cpu_prefill_ms=self.cpu_prefill_ms.scaled(cpu_prefill, cpu_prefill, cpu_prefill),
+            cpu_step_ms=self.cpu_step_ms * cpu_decode, cpu_seq_ms=self.cpu_seq_ms * cpu_decode,
+            cpu_kv_ms_per_mb=self.cpu_kv_ms_per_mb * cpu_decode,
+        )
+
     def link(self, rate_gbit: float | None) -> Link:
         """The link at its measured efficiency (nearest measured rate; 0.94 if none was measured)."""
         if rate_gbit is None or not self.link_efficiency:
