@@ -158,6 +158,8 @@ class LlamaContext:
         self.n_vocab = model.n_vocab
 
     def decode(self, batch: "Batch") -> None:
+        if batch.num_tokens > self.params.n_batch:  # llama.cpp asserts (aborts the process) on this
+            raise ValueError(f"batch of {batch.num_tokens} tokens exceeds n_batch {self.params.n_batch}")
         rc = llama_cpp.llama_decode(self._ptr, batch.raw)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc} (1: no KV slot for the batch)")

@@ -349,6 +349,12 @@ def test_seq_id_out_of_range_raises_instead_of_aborting(engine):
             engine.ctx.set_seq_state(bad, b"\x00" * 16)
     with pytest.raises(ValueError, match="exceeds capacity"):
         engine.batch.fill([1] * (engine.batch.capacity + 1), 0, 0, 0)
+    from decode_cpu.llama import Batch
+
+    big = Batch(engine.ctx.params.n_batch + 1)
+    big.fill([1] * big.capacity, np.arange(big.capacity), 0, 0)
+    with pytest.raises(ValueError, match="exceeds n_batch"):
+        engine.ctx.decode(big)  # llama.cpp would abort the process
 
 
 def test_a_failed_decode_step_fails_its_sequences_and_the_engine_goes_on(engine, monkeypatch):
