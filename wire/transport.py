@@ -71,6 +71,9 @@ class KvSender:
         self._q: queue.Queue = queue.Queue(maxsize=max_layers_queued)
         self._socks: dict[str, zmq.Socket] = {}
         self._send_timeout_ms = int(send_timeout_s * 1000)
+        # Requests whose stream already failed: their remaining layers fail at once instead of each
+        # waiting out SNDTIMEO (30 layers x 10 s would hold the prefill worker for minutes).
+        self._failed: dict[bytes, Exception] = {}
         self._thread = threading.Thread(target=self._loop, name="kv-sender", daemon=True)
         self._thread.start()
 
@@ -94,6 +97,9 @@ class KvSender:
             sock.setsockopt(zmq.SNDHWM, KV_HWM_LAYERS * 3)
             # SNDBUF left to the kernel: an explicit SO_SNDBUF disables TCP autotuning
             sock.setsockopt(zmq.SNDTIMEO, self._send_timeout_ms)
+            # queue only onto a live connection: a dead decode worker makes send time out, instead of
+            # layers piling up unsent behind a connection that will never complete
+            sock.setsockopt(zmq.IMMEDIATE, 1)
             sock.setsockopt(zmq.LINGER, 5000)
             sock.connect(addr)
             self._socks[addr] = sock
@@ -105,7 +111,10 @@ class KvSender:
             if job is None:
                 self._q.task_done()
                 return
+            rid = job.header.request_id
             try:
+                if rid in self._failed:
+                    raise self._failed[rid]
                 if job.ready is not None:
                     job.ready()
                 if job.abort:
@@ -116,9 +125,13 @@ class KvSender:
                 if job.on_sent is not None:
                     job.on_sent(time.perf_counter(), None)
             except Exception as e:  # zmq.Again after SNDTIMEO: the decode worker is not there
-                sock = self._socks.pop(job.addr, None)  # reconnect from scratch next time
-                if sock is not None:
-                    sock.close(linger=0)
+                if rid not in self._failed:
+                    sock = self._socks.pop(job.addr, None)  # reconnect from scratch next time
+                    if sock is not None:
+                        sock.close(linger=0)
+                    if len(self._failed) > 1024:  # bounded: forget the oldest failures
+                        self._failed.pop(next(iter(self._failed)))
+                    self._failed[rid] = e
                 if job.on_sent is not None:
                     job.on_sent(time.perf_counter(), e)
             finally:
