@@ -61,7 +61,7 @@ class Codec:
     decode: Callable[[memoryview, int, int, str, str, int], object]
     # payload_bytes(num_tokens, row_elems, role): bytes of a [T, C] payload (an upper bound if variable-size)
     payload_bytes: Callable[[int, int, str], int]
-    # the cache type whose rows the payload already is (None: always converted)
+    # the cache type whose rows the payload already is, laid in as received (None: always decoded)
     native_cache_type: str | None
     is_lossless: bool
     cache_types: tuple[str, ...] = CACHE_TYPES
@@ -372,7 +372,7 @@ Q8_0 = register(Codec("q8_0", 2, *_block_codec("q8_0"), "q8_0", False))
 Q4_0 = register(Codec("q4_0", 3, *_block_codec("q4_0"), "q4_0", False))
 KIVI4 = register(Codec("kivi4", 4, kivi4_encode, _kivi4_decode, kivi4_payload_bytes, None, False))
 F16_BP_ZSTD = register(Codec("f16+bp-zstd", 5, _bp_zstd_encode, _bp_zstd_decode,
-                             lambda t, c, role="k": lossless.max_payload_bytes(t * c), "f16", True))
+                             lambda t, c, role="k": lossless.max_payload_bytes(t * c), None, True))
 
 
 def get_codec(name: str) -> Codec:
