@@ -135,7 +135,9 @@ class DecodeEngine:
         self.running: dict[int, Sequence] = {}  # slot -> sequence decoding one token per step
         self.prefilling: dict[int, Sequence] = {}  # slot -> sequence feeding its prompt (local prefill)
         self._ready: deque[bytes] = deque()  # KV landed or local prefill asked, waiting for a slot
-        self.geometry = Geometry(info.fingerprint, info.num_layers, info.kv_row_elems, cfg.kv_cache_type, self.ctx.n_stream)
+        self.geometry = Geometry(
+            info.fingerprint, info.num_layers, info.kv_row_elems, cfg.kv_cache_type, self.ctx.n_stream, info.head_dim
+        )
         self.num_finished = 0
 
     # --- admission ------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from homelab_disagg.errors import ConfigError
 
-KV_CODECS = ("f16", "q8_0", "q4_0", "kivi4")
+KV_CODECS = ("f16", "q8_0", "q4_0", "kivi4", "f16+bp-zstd")
 KV_CACHE_TYPES = ("f16", "q8_0", "q4_0")
 ARCHITECTURES = ("disaggregated", "colocated-cpu", "colocated-gpu", "replicated")
 
