@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import uuid
 
@@ -64,13 +65,21 @@ def test_1gbit_link_gives_plain_socket_at_least_90_percent():
 @pytest.mark.netns
 @needs_netns
 def test_10gbit_link_is_shaped_not_capped_by_a_small_burst():
-    # With the peak-rate cap, 10 Gbit gives ~0.96 x rate on a 16-core box but ~0.65 x on a 2-core
-    # one (one timer per packet; ~0.9 without the cap). What must hold anywhere: far above what an
-    # undersized bucket allows (~1-2 Gbit), and never above the shaped rate.
+    # The bucket must cover one timer tick at the rate, or tbf caps a 10 Gbit link at ~1-2 Gbit; the
+    # kernel's own view of the qdisc is checked, not a goodput (which depends on the CPU: ~0.96 x rate
+    # on a 16-core box, ~0.65 x on 2 cores; `python -m wire.linklab` and `bench wire` measure it).
+    # What must hold on any box: never faster than the shaped rate.
     with link_lab(LinkSpec(10.0), name_prefix=_prefix()) as lab:
-        goodput_gbps = measure_socket_goodput(lab, 1_000_000_000) * 8 / 1e9
-    print(f"10 Gbit shaped: {goodput_gbps:.3f} Gbit/s goodput")
-    assert 4.0 <= goodput_gbps <= 10.0
+        shown = subprocess.run(["tc", "-n", lab.gpu_ns, "-d", "qdisc", "show", "dev", "veth-gpu"],
+                               capture_output=True, text=True, check=True).stdout
+        goodput_gbps = measure_socket_goodput(lab, 200_000_000) * 8 / 1e9
+    print(f"10 Gbit shaped: {goodput_gbps:.3f} Gbit/s goodput; qdisc: {shown.strip()}")
+    assert "tbf" in shown and "rate 10Gbit" in shown
+    burst = re.search(r"burst (\d+(?:\.\d+)?)([KMG]?)b", shown)
+    assert burst, shown
+    scale = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}[burst.group(2)]
+    assert float(burst.group(1)) * scale >= 10e9 / 8 / TIMER_HZ * 0.99
+    assert 0.0 < goodput_gbps <= 10.0 * PEAK_FACTOR
 
 
 @pytest.mark.netns
