@@ -76,15 +76,15 @@ def plot(rows: list[dict], out_dir: Path, title: str) -> Path:
     dis = {m["prompt_tokens"]: m for m in med if m["architecture"] == "disaggregated"}
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5))
     x = range(len(lengths))
-    bottom = [0.0] * len(lengths)
+    bottom, bottom2 = [0.0] * len(lengths), [0.0] * len(lengths)
     colors = plt.get_cmap("tab10")
     for i, stage in enumerate(STAGES):
         vals = [dis[n][stage] if n in dis else 0.0 for n in lengths]
         ax.bar(x, vals, bottom=bottom, label=stage.removesuffix("_ms"), color=colors(i))
         bottom = [b + v for b, v in zip(bottom, vals)]
-        share = [v / max(1e-9, dis[n]["ttft_ms"]) * 100 if n in dis else 0 for v, n in zip(vals, lengths)]
-        ax2.bar(x, share, bottom=[sum(dis[n][s] for s in STAGES[:i]) / max(1e-9, dis[n]["ttft_ms"]) * 100
-                                  if n in dis else 0 for n in lengths], color=colors(i))
+        if stage != "prefill_compute_ms":  # right: what disaggregation adds around the forward pass
+            ax2.bar(x, vals, bottom=bottom2, color=colors(i), label=stage.removesuffix("_ms"))
+            bottom2 = [b + v for b, v in zip(bottom2, vals)]
     for arch, marker in (("colocated-cpu", "o"), ("colocated-gpu", "s")):
         pts = [(lengths.index(m["prompt_tokens"]), m["ttft_ms"]) for m in med if m["architecture"] == arch]
         if pts:
@@ -95,8 +95,9 @@ def plot(rows: list[dict], out_dir: Path, title: str) -> Path:
         a.set_xlabel("prompt tokens")
     ax.set_ylabel("ms")
     ax.set_title("disaggregated TTFT, stacked by stage (median)")
-    ax2.set_ylabel("% of disaggregated TTFT")
-    ax2.set_title("share of each stage")
+    ax2.set_ylabel("ms")
+    ax2.set_title("every stage but the prefill compute (the hand-off and the first step)")
+    ax2.legend(fontsize=8, loc="upper left", framealpha=0.6)
     ax.legend(fontsize=8, loc="upper left", framealpha=0.6)
     fig.suptitle(title, fontsize=9)
     return common.save_plot(fig, out_dir, "exp5_ttft_anatomy")
