@@ -108,8 +108,9 @@ def resolve_model(path: Path | str | None, env: Env | None = None) -> Path:
     return p.resolve()
 
 
-def read_model_info(path: Path) -> ModelInfo:
-    """Geometry and fingerprint from the GGUF header. Refuses architectures we cannot map."""
+def open_gguf(path: Path):
+    """(resolved path, GGUFReader, architecture, field(key, default)) of a GGUF whose architecture
+    we support; every failure is a ModelError naming the file."""
     from gguf import GGUFReader  # pure Python + numpy (memory-mapped; reads no tensor data)
 
     path = resolve_model(path)
@@ -128,6 +129,12 @@ def read_model_info(path: Path) -> ModelInfo:
             f"{path.name}: architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)}); "
             "use a llama-architecture GGUF"
         )
+    return path, reader, arch, field
+
+
+def read_model_info(path: Path) -> ModelInfo:
+    """Geometry and fingerprint from the GGUF header. Refuses architectures we cannot map."""
+    path, reader, arch, field = open_gguf(path)
     num_heads = int(field(f"{arch}.attention.head_count"))
     hidden = int(field(f"{arch}.embedding_length"))
     head_dim = int(field(f"{arch}.attention.key_length", hidden // num_heads))

@@ -64,23 +64,9 @@ class ModelProfile:
     @classmethod
     def from_gguf(cls, path: Path) -> "ModelProfile":
         """Geometry from the header, parameters and bytes from the tensor table (one read of the header)."""
-        from gguf import GGUFReader
+        from homelab_disagg.model import open_gguf
 
-        from homelab_disagg.model import SUPPORTED_ARCHITECTURES, resolve_model
-
-        path = resolve_model(path)
-        try:
-            reader = GGUFReader(path)
-        except Exception as e:  # the reader raises bare ValueErrors on damaged files
-            raise ModelError(f"{path} could not be parsed as GGUF ({e})") from None
-
-        def field(key: str, default=None):
-            f = reader.fields.get(key)
-            return default if f is None else f.contents()
-
-        arch = field("general.architecture")
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ModelError(f"{path.name}: architecture {arch!r} is not supported; use a llama-architecture GGUF")
+        path, reader, arch, field = open_gguf(path)
         heads, hidden = int(field(f"{arch}.attention.head_count")), int(field(f"{arch}.embedding_length"))
         names = {t.name for t in reader.tensors}
         # a tied model's LM head is the embedding table, read whole each step; an untied one reads one row of it
