@@ -11,11 +11,14 @@ Four configurations, each with its own context, measured side by side in one pro
     engine xB        another DecodeEngine, same settings, B sequences decoding together (B = --batch)
 
 Same model, threads, context per sequence, flash attention (on) and KV type in all four; greedy,
-EOS ignored. The box is shared, so the four take turns in short blocks: a round is one block of
---steps steps of each, in an order that rotates every round, and the ratios are taken per round
-and over the medians of --repeats rounds. Blocks, not single steps: every llama.cpp context has
-its own thread pool whose threads spin for a while after a step, so alternating contexts step by
-step would measure their fight over the cores; each block starts with 2 untimed steps.
+EOS ignored. The box may be shared, so the four take turns step by step: one step of each, in an
+order that rotates every step, each step timed alone, so a burst of load from elsewhere lands on
+all four alike. A round is --steps such turns; ratios are taken per round and over the medians of
+--repeats rounds.
+On a box other processes load, llama.cpp's OpenMP threads spin-waiting at each graph node's
+barrier for a descheduled partner can slow every step many times over; `--omp-wait passive`
+(OMP_WAIT_POLICY, set before llama.cpp loads) makes them sleep instead. The policy goes into the
+results; leave it unset on a dedicated box, where spinning is what llama.cpp is tuned for.
 Only decode steps are timed: each sequence starts from llama.cpp's own KV of its prompt, injected
 through the engine's path (parse, check, llama_state_seq_set_data) exactly as KV arriving from a
 prefill worker is; an engine step includes its per-token work (sampling, detokenizing, stop and
@@ -33,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 
-BLOCK_WARMUP = 2  # untimed steps at the start of each block: the previous context's threads go idle
 
 def _prompts(model, num: int, prompt_tokens: int) -> list[list[int]]:
     from homelab_disagg.workload import make_prompt
@@ -145,9 +147,9 @@ def measure(model_path: Path, threads: int, batch: int, slots: int, slot_ctx: in
 
     threads = threads or default_num_threads()
     slots = max(slots, batch)
-    if prompt_tokens + warmup + (steps + BLOCK_WARMUP) * repeats + 2 > slot_ctx:
-        raise ConfigError(f"prompt ({prompt_tokens}) + warmup + (steps + {BLOCK_WARMUP}) x repeats do not fit a slot "
-                          f"of {slot_ctx} tokens: fewer steps or repeats, or a larger --slot-ctx")
+    if prompt_tokens + warmup + steps * repeats + 2 > slot_ctx:
+        raise ConfigError(f"prompt ({prompt_tokens}) + warmup + steps x repeats do not fit a slot of {slot_ctx} "
+                          "tokens: fewer steps or repeats, or a larger --slot-ctx")
     info = read_model_info(model_path)
     cfg = DecodeWorkerConfig(model_path, num_slots=slots, slot_ctx_tokens=slot_ctx, num_threads=threads,
                              kv_cache_type=kv_type, max_queue=0)
@@ -168,17 +170,16 @@ def measure(model_path: Path, threads: int, batch: int, slots: int, slot_ctx: in
                 run.step()
         rows = []
         for r in range(repeats):
-            for j in range(len(runs)):
-                name, n, run = runs[(r + j) % len(runs)]  # rotate who goes first
-                for _ in range(BLOCK_WARMUP):
-                    run.step()
-                num_tokens = 0
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    num_tokens += run.step()
-                dt = time.perf_counter() - t0
+            elapsed, tokens = [0.0] * len(runs), [0] * len(runs)
+            for i in range(steps):
+                for j in range(len(runs)):
+                    k = (i + j) % len(runs)  # rotate who goes first
+                    t0 = time.perf_counter()
+                    tokens[k] += runs[k][2].step()
+                    elapsed[k] += time.perf_counter() - t0
+            for (name, n, _), dt, num in zip(runs, elapsed, tokens):
                 rows.append({"round": r, "config": name, "sequences": n, "threads": threads, "steps": steps,
-                             "tokens": num_tokens, "elapsed_s": dt, "tok_s": num_tokens / dt, "tpot_ms": dt / steps * 1e3})
+                             "tokens": num, "elapsed_s": dt, "tok_s": num / dt, "tpot_ms": dt / steps * 1e3})
             if progress:
                 progress()
     finally:
@@ -212,27 +213,51 @@ def summarize(rows: list[dict], batch: int, threads: int, slot_ctx: int, prompt_
         "llamacpp_tok_s": med[base], "llamacpp_argmax_tok_s": med[base_argmax], "engine_single_tok_s": med[one],
         f"engine_batch{batch}_tok_s": med[many],
         "tpot_ms_single": tpot[one], f"tpot_ms_batch{batch}": tpot[many],
-        # ratios of medians; per-round ratios (same round, same load) beside them
-        "single_vs_llamacpp": med[one] / med[base],
-        "single_vs_llamacpp_argmax": med[one] / med[base_argmax],
-        f"batch{batch}_vs_single": med[many] / med[one],
-        f"tpot_growth_batch{batch}": tpot[many] / tpot[one],
+        # each ratio is the median over rounds of that round's ratio (same round, same load from elsewhere);
+        # the ratio of the medians and the per-round values are kept beside it
+        "single_vs_llamacpp": statistics.median(per_round(one, base)),
+        "single_vs_llamacpp_argmax": statistics.median(per_round(one, base_argmax)),
+        f"batch{batch}_vs_single": statistics.median(per_round(many, one)),
+        f"tpot_growth_batch{batch}": statistics.median(per_round(many, one, "tpot_ms")),
+        "single_vs_llamacpp_of_medians": med[one] / med[base],
+        f"batch{batch}_vs_single_of_medians": med[many] / med[one],
         "single_vs_llamacpp_rounds": per_round(one, base),
         "single_vs_llamacpp_argmax_rounds": per_round(one, base_argmax),
         f"batch{batch}_vs_single_rounds": per_round(many, one),
+        f"tpot_growth_batch{batch}_rounds": per_round(many, one, "tpot_ms"),
     }
 
 
+def set_omp_wait(policy: str | None) -> str:
+    """OMP_WAIT_POLICY for llama.cpp's OpenMP threads; only takes effect before llama.cpp loads."""
+    import os
+    import sys
+
+    from homelab_disagg.errors import ConfigError
+
+    if policy is None:
+        return os.environ.get("OMP_WAIT_POLICY", "") or "default"
+    if policy not in ("passive", "active"):
+        raise ConfigError(f"--omp-wait must be passive or active, not {policy!r}")
+    if "llama_cpp" in sys.modules:
+        raise ConfigError("--omp-wait must be set before llama.cpp is loaded in this process")
+    os.environ["OMP_WAIT_POLICY"] = policy
+    return policy
+
+
 def run_bench(model_path: Path, threads: int, batch: int, slots: int, slot_ctx: int, prompt_tokens: int, steps: int,
-              warmup: int, repeats: int, kv_type: str, csv_path, json_out: bool, console) -> dict:
+              warmup: int, repeats: int, kv_type: str, csv_path, json_out: bool, console, omp_wait: str | None = None) -> dict:
     from rich.progress import Progress
 
     from benchmarks.report import emit, table
 
+    omp_wait = set_omp_wait(omp_wait)
+
     with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("decode: llama.cpp loops, engine x1, engine xB, in turns", total=repeats)
+        task = bar.add_task("decode: llama.cpp loops, engine x1, engine xB, step by step in turns", total=repeats)
         rows, summary = measure(model_path, threads, batch, slots, slot_ctx, prompt_tokens, steps, warmup, repeats,
                                 kv_type, progress=lambda: bar.advance(task))
+    summary["omp_wait_policy"] = omp_wait
     if batch != 8:  # the names the issue asks for, whatever B was
         summary.setdefault("batch8_vs_single", None)
         summary.setdefault("tpot_growth_batch8", None)
@@ -254,10 +279,11 @@ def run_bench(model_path: Path, threads: int, batch: int, slots: int, slot_ctx: 
               {"figure": f"engine x{batch} / engine x1 (aggregate tok/s)", "median": summary[f"batch{batch}_vs_single"],
                "rounds": " ".join(f"{x:.2f}" for x in summary[f"batch{batch}_vs_single_rounds"])},
               {"figure": f"TPOT growth x{batch} / x1 (per stream)", "median": summary[f"tpot_growth_batch{batch}"],
-               "rounds": ""}]
+               "rounds": " ".join(f"{x:.2f}" for x in summary[f"tpot_growth_batch{batch}_rounds"])}]
     title = (f"decode, {summary['threads']} threads, prompt {prompt_tokens} tokens, {steps} timed steps x "
-             f"{summary['repeats']} rounds, slot ctx {slot_ctx}, KV {kv_type}, flash attention on, greedy")
+             f"{summary['repeats']} rounds, slot ctx {slot_ctx}, KV {kv_type}, flash attention on, greedy, "
+             f"OMP wait {omp_wait}")
     emit("decode", [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows], summary,
-         [table(title, med_rows), table("ratios (median of rounds' tok/s; per-round ratios beside)", ratios)],
-         csv_path, json_out, console, meta_extra={"baseline": summary["baseline"]})
+         [table(title, med_rows), table("ratios: median over rounds of each round's ratio (rounds beside)", ratios)],
+         csv_path, json_out, console, meta_extra={"baseline": summary["baseline"], "omp_wait_policy": omp_wait})
     return summary

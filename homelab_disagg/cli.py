@@ -408,8 +408,10 @@ def bench_decode(
     prompt_tokens: Annotated[int, typer.Option(help="Prompt tokens whose KV each sequence starts from.")] = 128,
     steps: Annotated[int, typer.Option(help="Timed decode steps per configuration per round.")] = 32,
     warmup: Annotated[int, typer.Option(help="Untimed decode steps before them.")] = 4,
-    repeats: Annotated[int, typer.Option(help="Rounds; each runs all configurations, interleaved (medians reported).")] = 7,
+    repeats: Annotated[int, typer.Option(help="Rounds; each runs all configurations in turns (medians reported).")] = 7,
     kv_type: Annotated[str, typer.Option(help="KV cache type: f16, q8_0, q4_0.")] = "f16",
+    omp_wait: Annotated[Optional[str], typer.Option(help="OMP_WAIT_POLICY for llama.cpp's threads: passive on a box "
+                                                         "other processes load, unset on a dedicated one.")] = None,
     csv: CsvOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -419,7 +421,7 @@ def bench_decode(
         from benchmarks.decode import run_bench
 
         run_bench(_model_path(model), threads, batch, slots, slot_ctx, prompt_tokens, steps, warmup, repeats, kv_type,
-                  csv, json_out, console)
+                  csv, json_out, console, omp_wait)
     except DisaggError as e:
         _fail(e)
 
