@@ -9,6 +9,8 @@ KV of all prompt tokens but the last, and the first step decodes that last token
 request's own sampler (temperature, seed, ...) picks every output token including the first.
 Greedy rows are an argmax over llama.cpp's logits (what its greedy sampler does, without building
 a candidate array per row); other rows go through a llama.cpp sampler chain of their own.
+Rows go in slot order and held slots stay a prefix 0..n-1 (slots.py), because llama.cpp (one KV
+stream per sequence) runs a batch as one micro-batch only over consecutive sequence ids.
 """
 
 from __future__ import annotations
