@@ -75,6 +75,7 @@ def from_results(results_dir: Path = RESULTS_DIR) -> Calibration:
         inject_ms_per_mb=_median(r["inject_ms"] / (r["kv_bytes_raw"] / 1e6) for r in dis if r["kv_bytes_raw"]),
         admit_ms=_median(r["admit_ms"] for r in dis + cpu),
         encode_ms_per_mb=encode, convert_ms_per_mb=convert, link_efficiency=efficiency, loopback_gbps=loopback,
+        node_overlap_speed=float(rows[0].get("meta_node_overlap_speed") or 1.0),
     )
 
 

@@ -122,6 +122,42 @@ def local_lab(path: Path, split: NodeSplit, device: str = "auto", slots: int = 8
         lab.stop()
 
 
+_SPIN = """
+import os, sys, time
+import numpy as np
+a = np.random.rand(384, 384).astype(np.float32)
+t0, n = time.perf_counter(), 0
+while time.perf_counter() - t0 < float(sys.argv[1]):
+    a @ a
+    n += 1
+print(n / (time.perf_counter() - t0))
+"""
+
+
+def measure_node_overlap(split: NodeSplit, seconds: float = 2.0, rounds: int = 2) -> float:
+    """Each node's compute speed while the other computes too, as a fraction of its speed alone
+    (float32 matmul loops pinned to each side, one BLAS thread per CPU). 1.0: independent; two
+    vCPUs that are hyperthreads of one host core, or a shared memory bus, give less."""
+    import subprocess
+    import sys
+
+    if split.decode_cpus is None:
+        return 1.0
+
+    def spin(cpus):
+        env = {**os.environ, "OPENBLAS_NUM_THREADS": str(len(cpus)), "OMP_NUM_THREADS": str(len(cpus))}
+        return subprocess.Popen([sys.executable, "-c", _SPIN, str(seconds)], stdout=subprocess.PIPE, text=True, env=env,
+                                preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+
+    ratios = []
+    for _ in range(rounds):
+        alone = [float(spin(c).communicate()[0]) for c in (split.prefill_cpus, split.decode_cpus)]
+        both = [spin(c) for c in (split.prefill_cpus, split.decode_cpus)]
+        together = [float(p.communicate()[0]) for p in both]
+        ratios += [t / a for t, a in zip(together, alone)]
+    return min(1.0, statistics.median(ratios))
+
+
 # --- one measurement point -------------------------------------------------------------------
 
 
@@ -142,8 +178,11 @@ def lab_facts(coord) -> dict:
     return {"prefill_device": pre.device if pre else ""}
 
 
-def split_meta(split: NodeSplit) -> dict:
-    return {"node_split": split.label, "decode_threads": len(split.decode_cpus) if split.decode_cpus else os.cpu_count()}
+def split_meta(split: NodeSplit, overlap: bool = False) -> dict:
+    meta = {"node_split": split.label, "decode_threads": len(split.decode_cpus) if split.decode_cpus else os.cpu_count()}
+    if overlap:
+        meta["node_overlap_speed"] = round(measure_node_overlap(split), 3)
+    return meta
 
 
 async def tokenize_all(coord, prompts: list[str]) -> list[list[int]]:

@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.slo_ttft_ms and args.slo_tpot_ms:
         slo = {w.name: (args.slo_ttft_ms, args.slo_tpot_ms) for w in wls}
     points = summarize_points(rows, slo)
-    meta = {"experiment": "exp1_architectures", **common.model_meta(path), **facts, **common.split_meta(split),
+    meta = {"experiment": "exp1_architectures", **common.model_meta(path), **facts, **common.split_meta(split, overlap=True),
             "codec": "f16", "layer_streaming": True, "quick": args.quick,
             "workloads": "; ".join(f"{w.name}: prompt {w.prompt_lo}-{w.prompt_hi}, output {w.output_tokens}" for w in wls)}
     common.save_csv(args.out, "exp1_requests", rows, meta)

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         facts = {}
         rows = asyncio.run(measure(lab, lengths, repeats, args.output, facts))
     meta = {"experiment": "exp5_ttft_anatomy", **common.model_meta(path), "codec": args.codec, "layer_streaming": True,
-            **facts, **common.split_meta(split), "repeats": repeats, "output_tokens": args.output,
+            **facts, **common.split_meta(split, overlap=True), "repeats": repeats, "output_tokens": args.output,
             "quick": args.quick}
     csv_path = common.save_csv(args.out, "exp5_ttft_anatomy", rows, meta)
     png = common.draw(plot, rows, args.out, f"{meta['model']}, {split.label}, {args.codec} KV, layer streaming, concurrency 1")

@@ -201,6 +201,7 @@ class Calibration:
     convert_ms_per_mb: dict = field(default_factory=lambda: {"f16": 0.2})  # CPU node, frames -> cache, per MB of f16 KV
     link_efficiency: dict = field(default_factory=dict)  # Gbit/s (str) -> KV goodput / rate
     loopback_gbps: float = 8.0
+    node_overlap_speed: float = 1.0  # each node's speed while the other computes too (1.0: separate hosts)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -366,17 +367,20 @@ class _Req:
 
 class _Lab:
     """The two nodes as queues: the GPU node serves one request at a time (FIFO); the CPU node runs
-    the decode worker's loop (control -> KV frames -> place -> one batched step); one link."""
+    the decode worker's loop (control -> KV frames -> place -> one batched step); one link. When
+    both nodes compute at once each runs at `overlap_speed` of its solo speed (1.0 for two hosts;
+    less for two halves of one box whose cores share a physical core or memory)."""
 
     def __init__(self, costs: Costs, slots: int):
         self.c, self.slots = costs, slots
-        self.now = 0.0
+        self.overlap_speed = costs.cal.node_overlap_speed
+        self.now, self._last = 0.0, 0.0
         self._events: list = []
         self._seq = itertools.count()
+        self.jobs: dict = {"gpu": None, "cpu": None}  # node -> [work left in solo ms, version, then]
         self.gpu_queue: deque = deque()
-        self.gpu_busy = False
+        self.gpu_blocked = False  # computing, or flushing the last request's KV sends
         self.link_free = 0.0
-        self.cpu_busy = False
         self.admits: deque = deque()
         self.kv_in: deque = deque()
         self.ready: deque = deque()
@@ -390,75 +394,108 @@ class _Lab:
 
     def run(self) -> None:
         while self._events:
-            self.now, _, fn = heapq.heappop(self._events)
+            t, _, fn = heapq.heappop(self._events)
+            self._advance(t)
             fn()
+
+    # --- processor sharing between the nodes ----------------------------------------------
+    def _rate(self) -> float:
+        return self.overlap_speed if all(self.jobs.values()) else 1.0
+
+    def _advance(self, t: float) -> None:
+        rate = self._rate()
+        for node, job in self.jobs.items():
+            if job:
+                job[0] -= (t - self._last) * rate
+                self.busy_ms[node] += t - self._last
+        self.now = self._last = t
+
+    def _start(self, node: str, work_ms: float, then) -> None:
+        self.jobs[node] = [work_ms, 0, then]
+        self._reschedule()
+
+    def _reschedule(self) -> None:
+        rate = self._rate()
+        for node, job in self.jobs.items():
+            if job:
+                job[1] += 1
+                self.at(self.now + max(job[0], 0.0) / rate, lambda node=node, v=job[1]: self._finish(node, v))
+
+    def _finish(self, node: str, version: int) -> None:
+        job = self.jobs[node]
+        if job is None or job[1] != version:
+            return  # superseded: the other node started or stopped since
+        self.jobs[node] = None
+        self._reschedule()
+        job[2]()
 
     # --- requests -------------------------------------------------------------------------
     def issue(self, r: _Req) -> None:
         r.t_issue = self.now
         if r.route == "gpu":
-            self._gpu_submit(r, self.c.gpu_ttft(r.prompt) + sum(self.c.gpu_tpot(r.prompt + i) for i in range(1, r.output)),
-                             self._gpu_generated)
+            self.gpu_queue.append(r)
+            self._gpu_kick()
         else:
             self.admits.append(r)
             self._cpu_kick()
 
-    def _gpu_generated(self, r: _Req, t_start: float) -> None:
-        r.t_first = t_start + self.c.gpu_ttft(r.prompt)
-        r.generated, r.t_done = r.output, self.now
-        self.on_done(r)
-
     def _admitted(self, r: _Req) -> None:
         if r.route == "cpu" or r.prompt <= 1:
             self.ready.append(r)
+            self._cpu_kick()
             return
-        tokens = r.prompt - 1  # the decode worker decodes the last prompt token itself
-        self._gpu_submit(r, self.c.gpu_prefill(tokens) + self.c.encode(tokens), self._prefilled)
-
-    def _prefilled(self, r: _Req, t_start: float) -> None:
-        pass  # KV arrival was scheduled when the prefill started
-
-    # --- GPU node ---------------------------------------------------------------------------
-    def _gpu_submit(self, r: _Req, ms: float, then) -> None:
-        self.gpu_queue.append((r, ms, then))
+        self.gpu_queue.append(r)
         self._gpu_kick()
 
+    # --- GPU node ---------------------------------------------------------------------------
     def _gpu_kick(self) -> None:
-        if self.gpu_busy or not self.gpu_queue:
+        if self.gpu_blocked or not self.gpu_queue:
             return
-        r, ms, then = self.gpu_queue.popleft()
-        self.gpu_busy, start, busy_until = True, self.now, self.now + ms
-        if r.route == "disaggregated":
-            tokens = r.prompt - 1
-            arrive, self.link_free = self.c.transfer(start, tokens, ms, self.link_free)
-            busy_until = max(busy_until, arrive)  # the worker flushes its sends before the next request
-            self.at(arrive, lambda: self._kv_arrived(r, start + ms))
-        self.busy_ms["gpu"] += busy_until - start
+        r = self.gpu_queue.popleft()
+        self.gpu_blocked, start = True, self.now
+        if r.route == "gpu":  # torch alone: prefill + first token, then greedy steps
+            decode = sum(self.c.gpu_tpot(r.prompt + i) for i in range(1, r.output))
 
-        def free():
-            self.gpu_busy = False
-            then(r, start)
-            self._gpu_kick()
+            def first_token():
+                r.t_first = self.now
+                self._start("gpu", decode, generated)
 
-        self.at(busy_until, free)
+            def generated():
+                r.generated, r.t_done, self.gpu_blocked = r.output, self.now, False
+                self.on_done(r)
+                self._gpu_kick()
+
+            self._start("gpu", self.c.gpu_ttft(r.prompt), first_token)
+            return
+        tokens = r.prompt - 1  # the decode worker decodes the last prompt token itself
+
+        def computed():
+            arrive, self.link_free = self.c.transfer(start, tokens, self.now - start, self.link_free)
+            self.at(arrive, lambda: self._kv_arrived(r))
+            self.at(arrive, self._gpu_unblock)  # the worker flushes its sends before the next request
+
+        self._start("gpu", self.c.gpu_prefill(tokens) + self.c.encode(tokens), computed)
+
+    def _gpu_unblock(self) -> None:
+        self.gpu_blocked = False
+        self._gpu_kick()
 
     # --- CPU node ---------------------------------------------------------------------------
-    def _kv_arrived(self, r: _Req, compute_end: float) -> None:
+    def _kv_arrived(self, r: _Req) -> None:
         # frames are converted as they arrive while the loop idles, between steps while it decodes
         full = self.c.convert(r.prompt - 1)
-        r.convert_ms = full if self.cpu_busy else full / self.c.model.num_layers
+        r.convert_ms = full if self.jobs["cpu"] else full / self.c.model.num_layers
         self.kv_in.append(r)
         self._cpu_kick()
 
     def _cpu_kick(self) -> None:
-        if self.cpu_busy or not (self.admits or self.kv_in or self.ready or self.running or self.prefilling):
+        if self.jobs["cpu"] or not (self.admits or self.kv_in or self.ready or self.running or self.prefilling):
             return
-        self.cpu_busy = True
         work = 0.0
-        admitted = []
         while self.admits:
             work += self.c.cal.admit_ms
-            admitted.append(self.admits.popleft())
+            r = self.admits.popleft()
+            self.at(self.now + work, lambda r=r: self._admitted(r))
         while self.kv_in:
             r = self.kv_in.popleft()
             work += r.convert_ms
@@ -473,9 +510,6 @@ class _Lab:
                 work += self.c.inject(r.prompt - 1)
                 r.done_prompt = r.prompt - 1
                 self.running.append(r)
-        for r in admitted:
-            self.at(self.now + work, lambda r=r: self._admitted(r))
-        cache = CACHE_OF_CODEC[self.c.codec]
         running, chunks, budget = list(self.running), [], N_BATCH - len(self.running)
         step = 0.0
         for r in list(self.prefilling):
@@ -487,10 +521,8 @@ class _Lab:
             budget -= k
         emitting = len(running) + sum(1 for r, k in chunks if r.done_prompt + k == r.prompt)
         if running or chunks:
-            step += self.c.cpu_step(max(1, emitting), sum(r.ctx for r in running), cache)
-        end = self.now + work + step
-        self.busy_ms["cpu"] += work + step
-        self.at(end, lambda: self._stepped(running, chunks))
+            step += self.c.cpu_step(max(1, emitting), sum(r.ctx for r in running), CACHE_OF_CODEC[self.c.codec])
+        self._start("cpu", work + step, lambda: self._stepped(running, chunks))
 
     def _stepped(self, running: list, chunks: list) -> None:
         finished = []
@@ -510,7 +542,6 @@ class _Lab:
             self.running.remove(r)
             r.t_done = self.now
             self.on_done(r)
-        self.cpu_busy = False
         self._cpu_kick()
 
 

@@ -213,3 +213,16 @@ def test_the_plan_command_prints_a_recommendation(tmp_path):
     last = json.loads(res.output.strip().splitlines()[-1])
     assert last["model"] == "Llama-3.2-1B" and last["link"] == "1 Gbit" and last["recommendation"] in plan.ARCHS
     assert "recommendation at concurrency 8" in res.output
+
+
+def test_nodes_sharing_a_host_slow_each_other_only_while_both_compute():
+    shared = replace(CAL, node_overlap_speed=0.5)
+    w = plan.Workload(256, 32)
+    apart, together = costs(), costs(cal=shared)
+    # one node alone: no difference
+    assert plan.simulate(together, "single-gpu", w, 4).ttft_ms == pytest.approx(plan.simulate(apart, "single-gpu", w, 4).ttft_ms)
+    # a single disaggregated request never has both nodes computing at once
+    assert plan.simulate(together, "disaggregated", w, 1).ttft_ms == pytest.approx(plan.simulate(apart, "disaggregated", w, 1).ttft_ms)
+    # many: prefill of one request overlaps decode of another, both slow down, never by more than 2x
+    a, t = plan.simulate(apart, "disaggregated", w, 8), plan.simulate(together, "disaggregated", w, 8)
+    assert a.output_tok_s / 2 <= t.output_tok_s < a.output_tok_s * 0.95
