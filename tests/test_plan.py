@@ -223,6 +223,6 @@ def test_nodes_sharing_a_host_slow_each_other_only_while_both_compute():
     assert plan.simulate(together, "single-gpu", w, 4).ttft_ms == pytest.approx(plan.simulate(apart, "single-gpu", w, 4).ttft_ms)
     # a single disaggregated request never has both nodes computing at once
     assert plan.simulate(together, "disaggregated", w, 1).ttft_ms == pytest.approx(plan.simulate(apart, "disaggregated", w, 1).ttft_ms)
-    # many: prefill of one request overlaps decode of another, both slow down, never by more than 2x
+    # many: prefill of one request overlaps decode of others, both slow down, never by more than 2x
     a, t = plan.simulate(apart, "disaggregated", w, 8), plan.simulate(together, "disaggregated", w, 8)
-    assert a.output_tok_s / 2 <= t.output_tok_s < a.output_tok_s * 0.95
+    assert a.output_tok_s / 2 <= t.output_tok_s < a.output_tok_s and t.ttft_ms > 1.2 * a.ttft_ms
