@@ -47,18 +47,18 @@ def copy_bandwidth_gbps(threads: int, nbytes: int = BW_BYTES, repeats: int = 5) 
 
 def measure_placement(cfg: dict) -> list[dict]:
     """In the (numactl-bound) child: every thread count and batch size of one placement."""
-    from benchmarks.decode import BLOCK_WARMUP, measure
+    from benchmarks.decode import measure
     from homelab_disagg.plan import ModelProfile
 
     path = Path(cfg["model"])
     prof = ModelProfile.from_gguf(path)
     kv_per_token = prof.kv_bytes_per_token(cfg["kv_type"])
-    avg_ctx = cfg["prompt"] + (cfg["warmup"] + cfg["repeats"] * (cfg["steps"] + BLOCK_WARMUP)) / 2
+    avg_ctx = cfg["prompt"] + (cfg["warmup"] + cfg["repeats"] * cfg["steps"]) / 2
     rows = []
     for threads in cfg["threads"]:
         bw = copy_bandwidth_gbps(threads)
         for batch in cfg["batches"]:
-            slot_ctx = cfg["prompt"] + cfg["warmup"] + (cfg["steps"] + BLOCK_WARMUP) * cfg["repeats"] + 64
+            slot_ctx = cfg["prompt"] + cfg["warmup"] + cfg["steps"] * cfg["repeats"] + 64
             _, s = measure(path, threads, batch, batch, slot_ctx, cfg["prompt"], cfg["steps"], cfg["warmup"],
                            cfg["repeats"], cfg["kv_type"])
             tok_s = s["engine_single_tok_s"] if batch == 1 else s[f"engine_batch{batch}_tok_s"]

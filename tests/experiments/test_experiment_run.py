@@ -1,4 +1,4 @@
-"""One experiment end to end, tiny: real workers, real model, CSV + PNG out."""
+"""Experiments end to end, tiny: real workers, real model, CSV + PNG out."""
 
 from __future__ import annotations
 
@@ -22,3 +22,16 @@ def test_ttft_anatomy_runs_end_to_end_and_writes_csv_and_plot(tmp_path, model_pa
     assert all(r["prefill_compute_ms"] > 0 and r["kv_bytes_wire"] > 0 for r in dis)
     assert rows[0]["meta_experiment"] == "exp5_ttft_anatomy" and rows[0]["meta_profile"]
     assert (tmp_path / "exp5_ttft_anatomy.png").stat().st_size > 10_000
+
+
+def test_decode_scaling_runs_end_to_end_and_writes_csv_and_plot(tmp_path, model_path):
+    from experiments import exp4_decode_scaling
+    from experiments.common import read_csv
+
+    exp4_decode_scaling.main(["--out", str(tmp_path), "--threads", "1", "--batches", "1,2", "--prompt", "32",
+                              "--steps", "3", "--repeats", "1", "--placements", "none"])
+    rows = read_csv(tmp_path / "exp4_decode_scaling.csv")
+    assert [(r["placement"], r["threads"], r["batch"]) for r in rows] == [("none", 1, 1), ("none", 1, 2)]
+    assert all(r["tok_s"] > 0 and r["llamacpp_loop_tok_s"] > 0 and 0 < r["bw_fraction"] < 1 for r in rows)
+    assert rows[0]["meta_experiment"] == "exp4_decode_scaling"
+    assert (tmp_path / "exp4_decode_scaling.png").stat().st_size > 10_000

@@ -352,6 +352,28 @@ def test_kivi4_error_is_half_a_step_per_group(x, role):
     assert (np.abs(got - x) <= _kivi_bound(x, role)).all()
 
 
+@pytest.mark.parametrize("role", ["k", "v"])
+@pytest.mark.parametrize("t", [1, 31, 1024, 1056, 2 * 1024 + 45])  # chunks of 1024 tokens at C=64: edges either side
+def test_kivi4_chunked_dequantization_is_the_whole_layer_formula(t, role):
+    c = 64
+    x = (np.random.default_rng(t).standard_normal((t, c)) * np.linspace(0.1, 8, c)).astype(F32)
+    p = encode("kivi4", x, role)
+    buf, n = np.frombuffer(p, np.uint8), t * c // 32
+    nib = buf[: 16 * n].reshape(n, 16)
+    q = np.concatenate([nib & 15, nib >> 4], axis=1).astype(F32)  # [groups, 32]
+    params = buf[16 * n :].view("<f2").astype(F32)
+    if role == "v":
+        scale, zero = params.reshape(2, n, 1)
+        want = (q * scale + zero).reshape(t, c)
+    else:
+        g = max(1, t // 32)
+        scale, zero = params.reshape(2, g, c)
+        gi = np.minimum(np.arange(t) // 32, g - 1)  # the last group takes the t % 32 extra tokens
+        want = q.reshape(t, c) * scale[gi] + zero[gi]
+    assert codecs.kivi4_dequantize(p, t, c, role).tobytes() == want.tobytes()
+    assert decode("kivi4", p, t, c, "f16", role) == want.astype("<f2").tobytes()
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.integers(32, 5000), st.sampled_from([64, 192, 1024]))
 def test_kivi4_is_at_least_3_2x_smaller_than_f16(t, c):
