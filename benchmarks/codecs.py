@@ -5,9 +5,11 @@ device the bench runs on) and decode speed (numpy, into the llama.cpp cache type
 injected into), both as f16-equivalent GB/s (T * C * 2 bytes per matrix per second: what a 10GbE
 link would otherwise carry), best and median of repeats; decode also as payload GB/s (wire bytes
 consumed per second). Quality: torch KV -> encode -> decode -> inject into a llama.cpp context of
-that cache type, teacher-forced against llama.cpp's own f16 prefill (homelab_disagg.quality):
-top-1 agreement, mean KL and perplexity change. The f16 row is the baseline; the `llama own` rows
-are llama.cpp prefilling into a quantized cache itself, the floor any codec into that cache meets.
+that cache type, teacher-forced (homelab_disagg.quality) against the f16 injection of the same
+torch KV: top-1 agreement, mean KL and perplexity change, i.e. what the codec alone costs (`top1`,
+`kl`, `ppl_change_pct`). The same figures against llama.cpp's own f16 prefill (`*_vs_llama`) give
+the whole path's cost; the f16 row's are the baseline every codec inherits. The `llama own` rows are
+llama.cpp prefilling into a quantized cache itself, the floor any codec into that cache meets.
 """
 
 from __future__ import annotations
@@ -102,7 +104,9 @@ def measure(model_path: Path, num_prompts: int, repeats: int, progress=lambda: N
     judges = {t: LlamaJudge(model_path, n_ctx=1024, cache_type=t) for t in ("f16", "q8_0", "q4_0")}
     try:
         texts = quality_texts(judges["f16"].model, num_prompts)
-        results = {config_name(c, t): [] for c, t in CONFIGS} | {f"llama own {t}": [] for t in ("q8_0", "q4_0")}
+        names = [config_name(c, t) for c, t in CONFIGS]
+        results = {n: [] for n in names} | {f"llama own {t}": [] for t in ("q8_0", "q4_0")}
+        vs_f16 = {n: [] for n in names}  # each codec against the f16 injection: the codec's own cost
         wire_bytes = {config_name(c, t): 0 for c, t in CONFIGS}
         num_cells, longest_rows = 0, None
         for ids, split in texts:
@@ -112,25 +116,30 @@ def measure(model_path: Path, num_prompts: int, repeats: int, progress=lambda: N
                 results[f"llama own {t}"].append(compare(ref, judges[t].reference(ids, split), targets))
             rows = torch_layer_rows(engine, info, ids[: split - 1])
             num_cells += split - 1
+            injected = {}  # name -> [positions, vocab] logits after injecting that codec's KV
             for codec, cache_type in CONFIGS:
                 name = config_name(codec, cache_type)
                 state, nbytes = codec_state(rows, info, judges[cache_type].ctx.n_stream, cache_type, codec)
-                results[name].append(compare(ref, judges[cache_type].after_injection(ids, split, state), targets))
+                injected[name] = judges[cache_type].after_injection(ids, split, state)
+                results[name].append(compare(ref, injected[name], targets))
                 wire_bytes[name] += nbytes
+            for name, logits in injected.items():
+                vs_f16[name].append(compare(injected["f16"], logits, targets))
             if longest_rows is None or rows[0][0].shape[0] > longest_rows[0][0].shape[0]:
                 longest_rows = rows
             progress()
         out_rows, summary_codecs = [], {}
         for codec, cache_type in CONFIGS:
             name = config_name(codec, cache_type)
-            agr = pool(results[name])
+            agr, e2e = pool(vs_f16[name]), pool(results[name])
             bytes_per_token = wire_bytes[name] / num_cells
             row = {
                 "codec": name, "cache": cache_type, "bytes_per_token": bytes_per_token,
                 "ratio": info.kv_bytes_per_token_f16 / bytes_per_token, "lossless": get_codec(codec).is_lossless,
                 **measure_speed(longest_rows, info, codec, cache_type, repeats),
                 "top1": agr.top1, "kl": agr.kl, "ppl_change_pct": agr.ppl_change_pct, "ppl": agr.ppl_candidate,
-                "first_token_equal": agr.first_token_equal, "positions": agr.positions,
+                "top1_vs_llama": e2e.top1, "kl_vs_llama": e2e.kl, "ppl_change_vs_llama_pct": e2e.ppl_change_pct,
+                "first_token_equal": e2e.first_token_equal, "positions": agr.positions,
             }
             out_rows.append(row)
             summary_codecs[name] = {k: v for k, v in row.items() if k not in ("codec", "positions")}
@@ -138,13 +147,12 @@ def measure(model_path: Path, num_prompts: int, repeats: int, progress=lambda: N
         own = {}
         for t in ("q8_0", "q4_0"):
             agr = pool(results[f"llama own {t}"])
-            own[t] = {"top1": agr.top1, "kl": agr.kl, "ppl_change_pct": agr.ppl_change_pct}
-            out_rows.append({"codec": f"llama own {t}", "cache": t, "top1": agr.top1, "kl": agr.kl,
-                             "ppl_change_pct": agr.ppl_change_pct, "ppl": agr.ppl_candidate,
+            own[t] = {"top1_vs_llama": agr.top1, "kl_vs_llama": agr.kl, "ppl_change_vs_llama_pct": agr.ppl_change_pct}
+            out_rows.append({"codec": f"llama own {t}", "cache": t, **own[t], "ppl": agr.ppl_candidate,
                              "first_token_equal": agr.first_token_equal, "positions": agr.positions})
         summary = {
             "codecs": summary_codecs, "llama_own": own, "prompts": len(texts), "positions": pool(results["f16"]).positions,
-            "ppl_ref": pool(results["f16"]).ppl_ref, "model": info.name, "prefill_device": str(engine.device),
+            "ppl_ref": pool(results["f16"]).ppl_ref, "ppl_f16_injection": pool(results["f16"]).ppl_candidate, "model": info.name, "prefill_device": str(engine.device),
             "torch_threads": torch.get_num_threads(), "repeats": repeats,
         }
         return out_rows, summary
@@ -175,10 +183,13 @@ def run_bench(model_path: Path, num_prompts: int, repeats: int, csv_path, json_o
             "decode GB/s best/med": (f"{r['decode_gbps']:.2f} / {r['decode_gbps_median']:.2f}"
                                      + (" (pass-through)" if passes else "")) if speed else "",
             "decode payload GB/s": r.get("decode_payload_gbps", ""),
-            "top1": r["top1"], "KL": f"{r['kl']:.5f}", "ppl change %": r["ppl_change_pct"],
+            "top1 vs f16 inj": r.get("top1", ""), "KL": f"{r['kl']:.5f}" if "kl" in r else "",
+            "ppl change %": r.get("ppl_change_pct", ""),
+            "top1 vs llama.cpp": r["top1_vs_llama"], "ppl change vs llama.cpp %": r["ppl_change_vs_llama_pct"],
         })
     title = (f"KV codecs, {summary['model']}, {summary['prompts']} prompts (128-512 tokens), {summary['positions']} "
-             f"teacher-forced positions vs llama.cpp's own f16 prefill (ppl {summary['ppl_ref']:.3f}); encode: torch on "
+             f"teacher-forced positions vs the f16 injection (ppl {summary['ppl_f16_injection']:.3f}) and vs llama.cpp's own "
+             f"f16 prefill (ppl {summary['ppl_ref']:.3f}); encode: torch on "
              f"{summary['prefill_device']}, {summary['torch_threads']} threads; decode: numpy, 1 thread; GB/s of f16 "
              f"KV, {summary['repeats']} repeats over every layer of a {rows[0]['speed_tokens']}-token prompt")
     emit("codecs", [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in rows], summary,

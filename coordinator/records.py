@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import datetime
 import json
+import os
 import platform
 import socket
 import statistics
@@ -104,6 +105,8 @@ def run_metadata(extra: dict | None = None) -> dict:
                                cwd=Path(__file__).parent, timeout=5).stdout.strip() != ""
     except (OSError, subprocess.TimeoutExpired):
         rev, dirty = "", False
+    if not rev:  # a copy of the tree without its repository (a lent GPU box): the copier says which commit
+        rev, dirty = os.environ.get("HOMELAB_DISAGG_GIT_REV", "unknown (not a git checkout)"), False
     meta = {
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": socket.gethostname(),
