@@ -112,10 +112,11 @@ def test_vllm_kv_injected_agrees_with_llama_prefill(vllm_lab, kv_sink, judge, mo
     print(f"vLLM: top1={pooled.top1:.4f} kl={pooled.kl:.5f} ppl {pooled.ppl_ref:.3f}->{pooled.ppl_candidate:.3f} "
           f"first-token {first_equal}/8 over {pooled.positions} positions; per prompt "
           + " ".join(f"{r.top1:.3f}" for r in results))
-    # The torch path measures 0.959 on these 384 positions; vLLM's KV equals its KV to one f16 ulp
-    # (next test), and one ulp flips near-tied argmaxes through llama.cpp's 8-bit activations:
-    # vLLM measured 0.942, 0.940 with bf16, 0.96+ with vLLM's native torch ops. KL is the stable figure.
-    assert pooled.top1 >= 0.93
+    # The torch path measures 0.959 on these 364 positions; vLLM's KV equals its KV to one f16 ulp
+    # (next test), and one ulp flips near-tied argmaxes through llama.cpp's 8-bit activations. With
+    # vLLM's CPU kernels for RMSNorm/rotary/SiLU it measured 0.942; with those ops' torch code (the
+    # engine's default on CPU, VllmEngineConfig.custom_ops) 0.967.
+    assert pooled.top1 >= 0.95
     assert pooled.kl <= 0.01
     assert first_equal >= 7
 
