@@ -49,6 +49,9 @@ class VllmEngineConfig:
     # which matches llama.cpp's arithmetic closer (teacher-forced top-1 0.967 vs 0.942 with vLLM's CPU
     # kernels, 8 prompts, 364 positions); vLLM's default on CUDA. Or a vLLM list like "none,+rms_norm".
     custom_ops: str = "auto"
+    # vLLM reuses cached prompt blocks by default; off, every prompt is computed in full as the torch
+    # engine does, so `run`'s engine-alone baseline does not read blocks the disaggregated run left
+    prefix_caching: bool = False
     report_timeout_s: float = 30.0  # after vLLM finished the request, wait this long for the connector's report
 
     def __post_init__(self) -> None:
@@ -101,6 +104,7 @@ class VllmPrefillEngine:
                 max_model_len=max_len, max_num_seqs=v.max_num_seqs, max_num_batched_tokens=batched,
                 kv_cache_memory_bytes=kv_bytes, distributed_executor_backend="uni",
                 compilation_config={"custom_ops": [op for op in custom_ops.split(",") if op]},
+                enable_prefix_caching=v.prefix_caching,
                 kv_transfer_config=KVTransferConfig(
                     kv_connector="WireKVConnector", kv_connector_module_path=CONNECTOR_MODULE, kv_role="kv_producer",
                     kv_connector_extra_config=settings.to_extra(),
