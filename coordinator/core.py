@@ -239,6 +239,12 @@ class Coordinator:
                 if all(l.name in refused or not l.healthy for l in self.decode):
                     raise
             except WorkerLost as e:
+                if e.role == "prefill" and not self.lab.prefill_failover:
+                    raise PeerError(
+                        f"request {rec.request_id}: prefill worker {e.name} went away before its KV arrived ({e}); "
+                        "the decode slot is freed. Restart that worker, or set prefill_failover = true in the lab "
+                        "config to prefill such requests on the decode worker instead"
+                    ) from None
                 if e.role == "decode":
                     refused.add(dec.name)
                 if not prog.generated and prog.prompt_ids is None and e.role == "decode":

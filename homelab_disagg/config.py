@@ -102,6 +102,9 @@ class LabConfig:
     http_host: str = "127.0.0.1"
     http_port: int = 8000
     request_timeout_s: float = 120.0
+    # a prefill worker lost mid-request: re-prefill on the decode worker (llama.cpp) and carry on, or
+    # end the request with an error that names the worker (for setups that must not fall back to CPU)
+    prefill_failover: bool = True
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -139,6 +142,7 @@ def load_lab(path: Path) -> LabConfig:
             http_host=coord.get("http_host", "127.0.0.1"),
             http_port=int(coord.get("http_port", 8000)),
             request_timeout_s=float(coord.get("request_timeout_s", 120.0)),
+            prefill_failover=bool(coord.get("prefill_failover", True)),
         )
     except KeyError as e:
         raise ConfigError(f"lab config {path}: missing key {e.args[0]!r}") from None

@@ -197,7 +197,7 @@ def test_hung_vllm_worker_ends_the_request_with_a_clear_error(vllm_lab):
 
 
 def test_killed_vllm_worker_is_noticed_and_its_slot_freed(vllm_lab):
-    """Last in the module: kills the vLLM worker."""
+    """Kills the vLLM worker (the next test starts it again)."""
     local, lab = vllm_lab
     prefill = next(p for p in local.procs if p.role == "prefill")
 
@@ -211,4 +211,31 @@ def test_killed_vllm_worker_is_noticed_and_its_slot_freed(vllm_lab):
     assert prefill.popen.wait(10) == -signal.SIGKILL
     # noticed on the connection, not by a timeout: re-admitted and prefilled by llama.cpp itself
     assert rec.prefill_worker == "local" and len(toks) == 6 and "Paris" in rec.text
+    assert _free_slots(lab) == NUM_SLOTS
+
+
+def test_killed_vllm_worker_without_failover_ends_the_request_with_a_clear_error(vllm_lab):
+    """The worker started again (what systemd's Restart= does), killed again mid-request, under a lab
+    that must not fall back to prefilling on the CPU: the request ends with an error naming it."""
+    import subprocess
+
+    from coordinator.launcher import wait_ready
+    from homelab_disagg.errors import PeerError
+
+    local, lab = vllm_lab
+    prefill = next(p for p in local.procs if p.role == "prefill")
+    with open(prefill.log_path, "ab") as log:
+        prefill.popen = subprocess.Popen(prefill.popen.args, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+    wait_ready(prefill, 300)
+
+    def stop_then_kill():
+        os.kill(prefill.popen.pid, signal.SIGSTOP)
+        threading.Timer(3.0, os.kill, (prefill.popen.pid, signal.SIGKILL)).start()
+
+    t0 = time.monotonic()
+    with pytest.raises(PeerError, match="prefill worker prefill0 went away before its KV arrived"):
+        _generate(lab.with_(prefill_failover=False), "The capital of France is", 6, started=stop_then_kill)
+    assert time.monotonic() - t0 < KV_TIMEOUT_S + 20
+    assert prefill.popen.wait(10) == -signal.SIGKILL
     assert _free_slots(lab) == NUM_SLOTS
