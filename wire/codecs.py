@@ -256,55 +256,30 @@ def kivi4_encode(x: np.ndarray, role: str, head_dim: int = 0) -> bytes:
     return b"".join(np.ascontiguousarray(a).tobytes() for a in (q[:, :16] | (q[:, 16:] << 4), scale, zero))
 
 
-_DEQUANT_CHUNK_ELEMS = 1 << 16  # elements per kivi4 dequantization step: its float32 scratch stays in L2
-
-
-def kivi4_dequantize(payload, num_tokens: int, row_elems: int, role: str, dtype=_F32) -> np.ndarray:
-    """payload -> [T, C] of dtype (float32, or float16 for an f16 cache: the float32 values rounded).
-
-    Works through whole 32-token groups at a time in a reused float32 scratch, so the passes (unpack,
-    scale, shift, convert) run in cache rather than over the whole layer in memory."""
+def kivi4_dequantize(payload, num_tokens: int, row_elems: int, role: str) -> np.ndarray:
+    """payload -> [T, C] float32."""
     buf = np.frombuffer(payload, dtype=np.uint8)
-    n = num_tokens * row_elems // GROUP  # groups of 32 values; token t's are nibble rows t*C/32 ..
-    nib = buf[: 16 * n].reshape(num_tokens, row_elems // 2)
-    out = np.empty((num_tokens, row_elems), dtype=dtype)
-    if role == "v":  # one (scale, zero) per 32 channels of a token
-        scale, zero = buf[16 * n :].view("<f2").reshape(2, num_tokens, row_elems // GROUP, 1)
-    else:  # one (scale, zero) per channel per group of 32 tokens; the last group takes the T % 32 extra
-        g = _kivi_k_groups(num_tokens)
-        scale, zero = buf[16 * n :].view("<f2").reshape(2, g, 1, row_elems)
-    step = max(GROUP, _DEQUANT_CHUNK_ELEMS // row_elems // GROUP * GROUP)  # tokens per chunk, whole K groups
-    scratch = np.empty(min(step, num_tokens) * row_elems, dtype=_F32)
-    a = 0
-    while a < num_tokens:
-        b = min(num_tokens, a + step)
-        if role == "k" and num_tokens - b < GROUP:
-            b = num_tokens  # the last group (32 + T % 32 tokens) is never split
-            if b - a > step:
-                scratch = np.empty((b - a) * row_elems, dtype=_F32)
-        q = scratch[: (b - a) * row_elems]
-        q16 = q.reshape(-1, GROUP)  # [groups, 32]: byte j holds values j (low nibble) and j + 16 (high)
-        nb = nib[a:b].reshape(-1, 16)
-        np.bitwise_and(nb, 15, out=q16[:, :16], casting="unsafe")
-        np.right_shift(nb, 4, out=q16[:, 16:], casting="unsafe")
-        if role == "v":
-            qv = q.reshape(b - a, row_elems // GROUP, GROUP)
-            qv *= scale[a:b]
-            qv += zero[a:b]
-        else:
-            ga, gb = a // GROUP, min(b // GROUP, g - 1)  # whole groups in this chunk, then the last one's rows
-            head = (gb - ga) * GROUP
-            qk = q.reshape(b - a, row_elems)
-            if head:
-                grouped = qk[:head].reshape(gb - ga, GROUP, row_elems)
-                grouped *= scale[ga:gb]
-                grouped += zero[ga:gb]
-            if head < b - a:
-                qk[head:] *= scale[g - 1]
-                qk[head:] += zero[g - 1]
-        out[a:b] = q.reshape(b - a, row_elems)
-        a = b
-    return out
+    n = num_tokens * row_elems // GROUP
+    q = np.empty((n, GROUP), dtype=_F32)
+    nib = buf[: 16 * n].reshape(n, 16)
+    q[:, :16] = nib & 15
+    q[:, 16:] = nib >> 4
+    if role == "v":
+        scale, zero = buf[16 * n :].view("<f2").astype(_F32).reshape(2, n, 1)
+        q *= scale
+        q += zero
+        return q.reshape(num_tokens, row_elems)
+    g = _kivi_k_groups(num_tokens)
+    scale, zero = buf[16 * n :].view("<f2").astype(_F32).reshape(2, g, row_elems)
+    q = q.reshape(num_tokens, row_elems)
+    head = (g - 1) * GROUP
+    if head:
+        grouped = q[:head].reshape(g - 1, GROUP, row_elems)
+        grouped *= scale[:-1, None]
+        grouped += zero[:-1, None]
+    q[head:] *= scale[-1]
+    q[head:] += zero[-1]
+    return q
 
 
 # --- the registered codecs: payload <-> the decode side's cache rows ----------------------------------
@@ -358,9 +333,8 @@ def _block_codec(name: str):
 
 def _kivi4_decode(payload, num_tokens, row_elems, cache_type, role, head_dim):
     _check_args("kivi4", payload, kivi4_payload_bytes(num_tokens, row_elems, role), num_tokens, row_elems, cache_type, role)
-    if cache_type == "f16":
-        return kivi4_dequantize(payload, num_tokens, row_elems, role, dtype="<f2")
-    return quantize_rows(kivi4_dequantize(payload, num_tokens, row_elems, role), cache_type, role, head_dim)
+    x = kivi4_dequantize(payload, num_tokens, row_elems, role)
+    return x.astype("<f2") if cache_type == "f16" else quantize_rows(x, cache_type, role, head_dim)
 
 
 def _bp_zstd_encode(x: np.ndarray, role: str, head_dim: int):
