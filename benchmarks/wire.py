@@ -171,7 +171,7 @@ def side_by_side(lab, sink_ip: str, total_bytes: int, repeats: int) -> tuple[flo
 
 def overlap(lab, model_path: Path, prompt_tokens: int, repeats: int) -> dict:
     """Prefill worker in the gpu ns, decode worker in the cpu ns, coordinator in the gpu ns."""
-    from coordinator.launcher import WorkerProcess, wait_ready
+    from coordinator.launcher import WorkerProcess
 
     base = [sys.executable, "-m", "homelab_disagg"]
     pre_ctl, dec_ctl, dec_kv = f"tcp://{lab.gpu_ip}:5550", f"tcp://{lab.cpu_ip}:5560", f"tcp://{lab.cpu_ip}:5561"
