@@ -121,6 +121,13 @@ class LabConfig:
         return replace(self, **changes)
 
 
+def _flag(table: dict, key: str, default: bool, path: Path) -> bool:
+    value = table.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"lab config {path}: [coordinator] {key} must be true or false, not {value!r}")
+    return value
+
+
 def load_lab(path: Path) -> LabConfig:
     """Read a lab TOML file; every error names the file and the key."""
     try:
@@ -138,11 +145,11 @@ def load_lab(path: Path) -> LabConfig:
             decode=tuple(DecodeEndpoint(d["name"], d["control"], d["kv"]) for d in raw.get("decode", [])),
             architecture=coord.get("architecture", "disaggregated"),
             codec=coord.get("codec", "f16"),
-            layer_streaming=coord.get("layer_streaming", True),
+            layer_streaming=_flag(coord, "layer_streaming", True, path),
             http_host=coord.get("http_host", "127.0.0.1"),
             http_port=int(coord.get("http_port", 8000)),
             request_timeout_s=float(coord.get("request_timeout_s", 120.0)),
-            prefill_failover=bool(coord.get("prefill_failover", True)),
+            prefill_failover=_flag(coord, "prefill_failover", True, path),
         )
     except KeyError as e:
         raise ConfigError(f"lab config {path}: missing key {e.args[0]!r}") from None

@@ -74,6 +74,19 @@ def test_bad_lab_config(tmp_path):
     cfg = tmp_path / "lab.toml"
     cfg.write_text("[[decode]]\nname = 'x'\n")
     assert "missing key 'control'" in one_line_error(cli("status", "--config", str(cfg)))
+    cfg.write_text("[coordinator]\nprefill_failover = 'no'\n")
+    assert "prefill_failover must be true or false, not 'no'" in one_line_error(cli("status", "--config", str(cfg)))
+
+
+def test_lab_config_flags_are_read(tmp_path):
+    from homelab_disagg.config import load_lab
+
+    cfg = tmp_path / "lab.toml"
+    cfg.write_text("[coordinator]\nprefill_failover = false\nlayer_streaming = false\n")
+    lab = load_lab(cfg)
+    assert lab.prefill_failover is False and lab.layer_streaming is False
+    cfg.write_text("[coordinator]\n")
+    assert load_lab(cfg).prefill_failover is True and load_lab(cfg).layer_streaming is True
 
 
 @pytest.mark.slow
