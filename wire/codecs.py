@@ -26,7 +26,8 @@ not set LLAMA_ATTN_ROT_DISABLE. The CPU backend computes it as a fast transform 
 ggml_compute_forward_fwht); `rotate` repeats that arithmetic so the bits agree.
 
 The numpy encoders here are the reference: prefill_gpu/kv_encode.py computes the same bytes in torch
-on the prefill device, and tests pin the two together. This module imports no engine.
+on the prefill device, and tests pin the two together. This module imports no engine (wire.fp16
+borrows llama.cpp's float16 converter where it is installed, with the same bits as numpy's).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from typing import Callable
 
 import numpy as np
 
-from wire import lossless
+from wire import fp16, lossless
 
 GROUP = 32  # elements per quantization block (q8_0, q4_0) and per KIVI group
 BLOCK_BYTES = {"q8_0": 34, "q4_0": 18}  # f16 scale + 32 int8 / 16 bytes of nibbles
@@ -322,7 +323,7 @@ def _block_codec(name: str):
         if cache_type == name:
             return payload
         if cache_type == "f16":
-            return dequantize_rows(payload, num_tokens, row_elems, name, role, head_dim).astype("<f2")
+            return fp16.to_f16(dequantize_rows(payload, num_tokens, row_elems, name, role, head_dim))
         # q8_0 <-> q4_0: both caches hold the same rotation, so requantize without undoing it
         n = hadamard_size(role, head_dim) or GROUP
         runs = _block_runs(payload, num_tokens, row_elems, name, n)
@@ -334,7 +335,7 @@ def _block_codec(name: str):
 def _kivi4_decode(payload, num_tokens, row_elems, cache_type, role, head_dim):
     _check_args("kivi4", payload, kivi4_payload_bytes(num_tokens, row_elems, role), num_tokens, row_elems, cache_type, role)
     x = kivi4_dequantize(payload, num_tokens, row_elems, role)
-    return x.astype("<f2") if cache_type == "f16" else quantize_rows(x, cache_type, role, head_dim)
+    return fp16.to_f16(x) if cache_type == "f16" else quantize_rows(x, cache_type, role, head_dim)
 
 
 def _bp_zstd_encode(x: np.ndarray, role: str, head_dim: int):
