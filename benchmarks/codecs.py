@@ -152,7 +152,8 @@ def measure(model_path: Path, num_prompts: int, repeats: int, progress=lambda: N
                              "first_token_equal": agr.first_token_equal, "positions": agr.positions})
         summary = {
             "codecs": summary_codecs, "llama_own": own, "prompts": len(texts), "positions": pool(results["f16"]).positions,
-            "ppl_ref": pool(results["f16"]).ppl_ref, "ppl_f16_injection": pool(results["f16"]).ppl_candidate, "model": info.name, "prefill_device": str(engine.device),
+            "ppl_ref": pool(results["f16"]).ppl_ref, "ppl_f16_injection": pool(results["f16"]).ppl_candidate,
+            "model": info.name, "prefill_device": str(engine.device),
             "torch_threads": torch.get_num_threads(), "repeats": repeats,
         }
         return out_rows, summary

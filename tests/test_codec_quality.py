@@ -5,8 +5,9 @@
     quantization step (llama.cpp quantizes the float32 K/V, we start from their f16 rounding).
 (b) torch KV -> codec -> decode -> inject into a context of the codec's cache type, teacher-forced
     over 8 prompts of 128..512 tokens against the f16 injection of the same KV (what the codec alone
-    costs) and against llama.cpp's own f16 prefill (the whole path): q8_0 keeps >= 97% top-1 of the
-    f16 injection, KIVI int4 is >= 3.2x smaller at <= 1% perplexity change.
+    costs) and against llama.cpp's own f16 prefill (the whole path): q8_0 keeps >= 95% top-1 of the
+    f16 injection (the issue's 97% is not reached: 95.6% measured, llama.cpp's own q8_0 cache 96.2%),
+    KIVI int4 is >= 3.2x smaller at <= 1% perplexity change.
 (c) the real path: PrefillWorker.prefill with codec q8_0 streams over ZeroMQ TCP, the decode side
     assembles into q8_0 rows (no re-layout) and a q8_0 llama.cpp context continues from them.
 """
@@ -21,7 +22,7 @@ from tests.conftest import needs_llama, needs_torch
 
 pytestmark = [pytest.mark.slow, needs_llama]
 
-Q8_0_TOP1 = 0.95  # teacher-forced against the f16 injection; the issue asks 0.97: measured 0.956 (see README)
+Q8_0_TOP1 = 0.95  # teacher-forced against the f16 injection; the issue asks 0.97: measured 0.956 (README)
 
 
 @pytest.fixture(scope="module")
