@@ -90,7 +90,10 @@ def measure_speed(rows: list, info, codec: str, cache_type: str, repeats: int) -
     }
 
 
-def measure(model_path: Path, num_prompts: int, repeats: int, progress=lambda: None) -> tuple[list[dict], dict]:
+def measure(model_path: Path, num_prompts: int, repeats: int, progress=lambda: None,
+            speed_tokens: int = 0) -> tuple[list[dict], dict]:
+    """Quality over the prompts; speeds over every layer of the longest of them, or of a prompt of
+    `speed_tokens` tokens when given (GPU encoders are launch-bound on short prompts)."""
     import torch
 
     from homelab_disagg.config import PrefillWorkerConfig
@@ -128,6 +131,12 @@ def measure(model_path: Path, num_prompts: int, repeats: int, progress=lambda: N
             if longest_rows is None or rows[0][0].shape[0] > longest_rows[0][0].shape[0]:
                 longest_rows = rows
             progress()
+        if speed_tokens:
+            from homelab_disagg.workload import make_prompt
+
+            text = make_prompt(speed_tokens + speed_tokens // 4 + 64)  # its token estimate runs short
+            ids = judges["f16"].model.tokenize(text, add_special=True, parse_special=False)[:speed_tokens]
+            longest_rows = torch_layer_rows(engine, info, ids)
         out_rows, summary_codecs = [], {}
         for codec, cache_type in CONFIGS:
             name = config_name(codec, cache_type)
@@ -162,14 +171,16 @@ def measure(model_path: Path, num_prompts: int, repeats: int, progress=lambda: N
             j.close()
 
 
-def run_bench(model_path: Path, num_prompts: int, repeats: int, csv_path, json_out: bool, console) -> dict:
+def run_bench(model_path: Path, num_prompts: int, repeats: int, csv_path, json_out: bool, console,
+              speed_tokens: int = 0) -> dict:
     from rich.progress import Progress
 
     from benchmarks.report import emit, table
 
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("codecs: prefill, encode, decode, inject, compare", total=num_prompts + len(CONFIGS))
-        rows, summary = measure(model_path, num_prompts, repeats, progress=lambda: bar.advance(task))
+        rows, summary = measure(model_path, num_prompts, repeats, progress=lambda: bar.advance(task),
+                                speed_tokens=speed_tokens)
     from wire.codecs import get_codec
 
     shown = []

@@ -465,15 +465,18 @@ def bench_codecs(
     model: ModelOpt = None,
     prompts: Annotated[int, typer.Option(help="Prompts (128-512 tokens) in the quality comparison.")] = 8,
     repeats: Annotated[int, typer.Option(help="Timed repeats of each codec's encode and decode (best and median).")] = 7,
+    speed_tokens: Annotated[int, typer.Option(help="Prompt tokens of the layer the speeds are timed on (0: the "
+                                                   "longest quality prompt).")] = 0,
     csv: CsvOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """KV codecs side by side: bytes per token, encode (torch) and decode (numpy) GB/s, and the quality
-    of the injected KV: teacher-forced top-1, KL and perplexity change vs llama.cpp's own f16 prefill."""
+    of the injected KV: teacher-forced top-1, KL and perplexity change against the f16 injection (the
+    codec alone) and against llama.cpp's own f16 prefill (the whole path)."""
     try:
         from benchmarks.codecs import run_bench
 
-        run_bench(_model_path(model), prompts, repeats, csv, json_out, console)
+        run_bench(_model_path(model), prompts, repeats, csv, json_out, console, speed_tokens)
     except DisaggError as e:
         _fail(e)
 
