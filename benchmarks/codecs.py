@@ -110,7 +110,7 @@ def measure(model_path: Path, num_prompts: int, repeats: int, progress=lambda: N
         names = [config_name(c, t) for c, t in CONFIGS]
         results = {n: [] for n in names} | {f"llama own {t}": [] for t in ("q8_0", "q4_0")}
         vs_f16 = {n: [] for n in names}  # each codec against the f16 injection: the codec's own cost
-        wire_bytes = {config_name(c, t): 0 for c, t in CONFIGS}
+        wire_bytes = dict.fromkeys(names, 0)
         num_cells, longest_rows = 0, None
         for ids, split in texts:
             targets = np.array(ids[split:])

@@ -35,17 +35,12 @@ def ggml_converter():
     return fn
 
 
-def to_f16(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """float32 array -> float16 array of its shape (into `out`, C-contiguous, when given), rounded to
-    nearest even."""
+def to_f16(x: np.ndarray) -> np.ndarray:
+    """float32 array -> float16 array of its shape, rounded to nearest even."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if out is None:
-        out = np.empty(x.shape, dtype="<f2")
-    elif out.shape != x.shape or out.dtype != np.float16 or not out.flags.c_contiguous:
-        raise ValueError(f"to_f16: out must be a C-contiguous float16 array of shape {x.shape}")
     fn = ggml_converter()
     if fn is None or x.size < _MIN_ELEMS:
-        out[...] = x
-    else:
-        fn(x.ctypes.data, out.ctypes.data, x.size)  # ctypes drops the GIL for the call
+        return x.astype("<f2")
+    out = np.empty(x.shape, dtype="<f2")
+    fn(x.ctypes.data, out.ctypes.data, x.size)
     return out

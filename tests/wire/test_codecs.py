@@ -353,8 +353,8 @@ def test_kivi4_error_is_half_a_step_per_group(x, role):
 
 
 @pytest.mark.parametrize("role", ["k", "v"])
-@pytest.mark.parametrize("t", [1, 31, 1024, 1056, 2 * 1024 + 45])  # chunks of 1024 tokens at C=64: edges either side
-def test_kivi4_chunked_dequantization_is_the_whole_layer_formula(t, role):
+@pytest.mark.parametrize("t", [1, 31, 1024, 1056, 2 * 1024 + 45])  # one K group, whole groups, a tail of 13
+def test_kivi4_decode_is_the_payload_layout_formula(t, role):
     c = 64
     x = (np.random.default_rng(t).standard_normal((t, c)) * np.linspace(0.1, 8, c)).astype(F32)
     p = encode("kivi4", x, role)

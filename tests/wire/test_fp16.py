@@ -26,10 +26,6 @@ def test_ggml_and_numpy_round_every_magnitude_the_same():
     assert np.array_equal(fp16.to_f16(x).view(np.uint16), want.view(np.uint16))
 
 
-def test_to_f16_refuses_an_output_it_cannot_fill():
-    with pytest.raises(ValueError, match="C-contiguous float16"):
-        fp16.to_f16(np.zeros((64, 64), np.float32), out=np.empty((64, 128), np.float16)[:, ::2])
-
 
 @settings(max_examples=60, deadline=None)
 @given(hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=2, min_side=1, max_side=9000),
@@ -38,7 +34,5 @@ def test_to_f16_is_numpy_astype(x):
     with np.errstate(over="ignore"):
         want = x.astype(np.float16)
         got = fp16.to_f16(x)
-        into = fp16.to_f16(x, out=np.empty(x.shape, np.float16))
     assert got.shape == x.shape and got.dtype == np.float16
     assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
-    assert np.array_equal(into.view(np.uint16), want.view(np.uint16))
