@@ -7,9 +7,12 @@ link would otherwise carry), best and median of repeats; decode also as payload 
 consumed per second). Quality: torch KV -> encode -> decode -> inject into a llama.cpp context of
 that cache type, teacher-forced (homelab_disagg.quality) against the f16 injection of the same
 torch KV: top-1 agreement, mean KL and perplexity change, i.e. what the codec alone costs (`top1`,
-`kl`, `ppl_change_pct`). The same figures against llama.cpp's own f16 prefill (`*_vs_llama`) give
-the whole path's cost; the f16 row's are the baseline every codec inherits. The `llama own` rows are
-llama.cpp prefilling into a quantized cache itself, the floor any codec into that cache meets.
+`kl`, `ppl_change_pct`), judged by llama.cpp running the model's weights dequantized to float: with
+the deployed quantized weights llama.cpp rounds activations to 8 bits, and any change to the KV, a
+single last bit, already costs ~4% top-1 (the `1-ulp probe` row; `*_deployed` columns). Against
+llama.cpp's own f16 prefill on the deployed weights (`*_vs_llama`): the whole path's cost; the f16
+row's are the baseline every codec inherits. The `llama own` rows are llama.cpp prefilling into a
+quantized cache itself.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ CONFIGS = (("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0"), ("kivi4", "f16"),
            ("f16+bp-zstd", "f16"))
 PROMPT_TOKENS_8 = (128, 180, 230, 280, 330, 380, 440, 512)  # as tests/conftest.py quality_texts
 CONTINUATION_TOKENS = 48
+PROBE = "1-ulp probe"  # not a codec: f16 KV with the last bit of 1 K element in 10,000 flipped
 
 
 def config_name(codec: str, cache_type: str) -> str:
@@ -93,41 +97,53 @@ def measure_speed(rows: list, info, codec: str, cache_type: str, repeats: int) -
 def measure(model_path: Path, num_prompts: int, repeats: int, progress=lambda: None,
             speed_tokens: int = 0) -> tuple[list[dict], dict]:
     """Quality over the prompts; speeds over every layer of the longest of them, or of a prompt of
-    `speed_tokens` tokens when given (GPU encoders are launch-bound on short prompts)."""
+    `speed_tokens` tokens when given (GPU encoders are launch-bound on short prompts).
+
+    Each codec's KV is injected twice: into llama.cpp running the model's weights dequantized to float
+    (the codec's own cost: `top1`, `kl`, `ppl_change_pct`) and running the deployed weights (`*_deployed`
+    against the f16 injection, `*_vs_llama` against llama.cpp's own prefill). The `1-ulp probe` row is
+    the f16 KV with one K element in 10,000 off by its last bit: each judge's noise floor."""
     import torch
 
     from homelab_disagg.config import PrefillWorkerConfig
     from homelab_disagg.model import read_model_info
-    from homelab_disagg.quality import LlamaJudge, codec_state, compare, pool, torch_layer_rows
+    from homelab_disagg.quality import (LlamaJudge, codec_state, compare, float_weights_model, nudge_keys, pool,
+                                        torch_layer_rows)
     from prefill_gpu.engine import TorchPrefillEngine
     from wire.codecs import get_codec
 
     info = read_model_info(model_path)
     engine = TorchPrefillEngine(PrefillWorkerConfig(model_path, device="auto"), info)
-    judges = {t: LlamaJudge(model_path, n_ctx=1024, cache_type=t) for t in ("f16", "q8_0", "q4_0")}
+    judge_model = float_weights_model(model_path)
+    judges = {(w, t): LlamaJudge(path, n_ctx=1024, cache_type=t)
+              for w, path in (("float", judge_model), ("deployed", model_path)) for t in ("f16", "q8_0", "q4_0")}
     try:
-        texts = quality_texts(judges["f16"].model, num_prompts)
-        names = [config_name(c, t) for c, t in CONFIGS]
-        results = {n: [] for n in names} | {f"llama own {t}": [] for t in ("q8_0", "q4_0")}
-        vs_f16 = {n: [] for n in names}  # each codec against the f16 injection: the codec's own cost
+        texts = quality_texts(judges["deployed", "f16"].model, num_prompts)
+        names = [config_name(c, t) for c, t in CONFIGS] + [PROBE]
+        own = {f"llama own {t}": [] for t in ("q8_0", "q4_0")}
+        vs_llama = {n: [] for n in names}  # deployed weights, against llama.cpp's own f16 prefill: the whole path
+        vs_f16 = {(w, n): [] for w in ("float", "deployed") for n in names}  # against the f16 injection: the codec
         wire_bytes = dict.fromkeys(names, 0)
         num_cells, longest_rows = 0, None
         for ids, split in texts:
             targets = np.array(ids[split:])
-            ref = judges["f16"].reference(ids, split)
+            ref = judges["deployed", "f16"].reference(ids, split)
             for t in ("q8_0", "q4_0"):
-                results[f"llama own {t}"].append(compare(ref, judges[t].reference(ids, split), targets))
+                own[f"llama own {t}"].append(compare(ref, judges["deployed", t].reference(ids, split), targets))
             rows = torch_layer_rows(engine, info, ids[: split - 1])
             num_cells += split - 1
-            injected = {}  # name -> [positions, vocab] logits after injecting that codec's KV
-            for codec, cache_type in CONFIGS:
-                name = config_name(codec, cache_type)
-                state, nbytes = codec_state(rows, info, judges[cache_type].ctx.n_stream, cache_type, codec)
-                injected[name] = judges[cache_type].after_injection(ids, split, state)
-                results[name].append(compare(ref, injected[name], targets))
-                wire_bytes[name] += nbytes
-            for name, logits in injected.items():
-                vs_f16[name].append(compare(injected["f16"], logits, targets))
+            for weights in ("float", "deployed"):
+                injected = {}  # name -> [positions, vocab] logits after injecting that codec's KV
+                for codec, cache_type, name, layer_rows in [(c, t, config_name(c, t), rows) for c, t in CONFIGS] + [
+                        ("f16", "f16", PROBE, nudge_keys(rows))]:
+                    judge = judges[weights, cache_type]
+                    state, nbytes = codec_state(layer_rows, info, judge.ctx.n_stream, cache_type, codec)
+                    injected[name] = judge.after_injection(ids, split, state)
+                    if weights == "deployed":
+                        vs_llama[name].append(compare(ref, injected[name], targets))
+                        wire_bytes[name] += nbytes
+                for name, logits in injected.items():
+                    vs_f16[weights, name].append(compare(injected["f16"], logits, targets))
             if longest_rows is None or rows[0][0].shape[0] > longest_rows[0][0].shape[0]:
                 longest_rows = rows
             progress()
@@ -135,34 +151,49 @@ def measure(model_path: Path, num_prompts: int, repeats: int, progress=lambda: N
             from homelab_disagg.workload import make_prompt
 
             text = make_prompt(speed_tokens + speed_tokens // 4 + 64)  # its token estimate runs short
-            ids = judges["f16"].model.tokenize(text, add_special=True, parse_special=False)[:speed_tokens]
+            ids = judges["deployed", "f16"].model.tokenize(text, add_special=True, parse_special=False)[:speed_tokens]
             longest_rows = torch_layer_rows(engine, info, ids)
+
+        def quality(name: str) -> dict:
+            alone, deployed, e2e = pool(vs_f16["float", name]), pool(vs_f16["deployed", name]), pool(vs_llama[name])
+            return {
+                "top1": alone.top1, "kl": alone.kl, "ppl_change_pct": alone.ppl_change_pct, "ppl": alone.ppl_candidate,
+                "top1_deployed": deployed.top1, "kl_deployed": deployed.kl,
+                "ppl_change_deployed_pct": deployed.ppl_change_pct,
+                "top1_vs_llama": e2e.top1, "kl_vs_llama": e2e.kl, "ppl_change_vs_llama_pct": e2e.ppl_change_pct,
+                "first_token_equal": e2e.first_token_equal, "positions": alone.positions,
+            }
+
         out_rows, summary_codecs = [], {}
         for codec, cache_type in CONFIGS:
             name = config_name(codec, cache_type)
-            agr, e2e = pool(vs_f16[name]), pool(results[name])
             bytes_per_token = wire_bytes[name] / num_cells
             row = {
                 "codec": name, "cache": cache_type, "bytes_per_token": bytes_per_token,
                 "ratio": info.kv_bytes_per_token_f16 / bytes_per_token, "lossless": get_codec(codec).is_lossless,
-                **measure_speed(longest_rows, info, codec, cache_type, repeats),
-                "top1": agr.top1, "kl": agr.kl, "ppl_change_pct": agr.ppl_change_pct, "ppl": agr.ppl_candidate,
-                "top1_vs_llama": e2e.top1, "kl_vs_llama": e2e.kl, "ppl_change_vs_llama_pct": e2e.ppl_change_pct,
-                "first_token_equal": e2e.first_token_equal, "positions": agr.positions,
+                **measure_speed(longest_rows, info, codec, cache_type, repeats), **quality(name),
             }
             out_rows.append(row)
             summary_codecs[name] = {k: v for k, v in row.items() if k not in ("codec", "positions")}
             progress()
-        own = {}
-        for t in ("q8_0", "q4_0"):
-            agr = pool(results[f"llama own {t}"])
-            own[t] = {"top1_vs_llama": agr.top1, "kl_vs_llama": agr.kl, "ppl_change_vs_llama_pct": agr.ppl_change_pct}
-            out_rows.append({"codec": f"llama own {t}", "cache": t, **own[t], "ppl": agr.ppl_candidate,
-                             "first_token_equal": agr.first_token_equal, "positions": agr.positions})
+        probe = {"codec": PROBE, "cache": "f16", **quality(PROBE)}
+        out_rows.append(probe)
+        own_summary = {}
+        for name, results in own.items():
+            agr = pool(results)
+            own_summary[name.split()[-1]] = {"top1_vs_llama": agr.top1, "kl_vs_llama": agr.kl,
+                                             "ppl_change_vs_llama_pct": agr.ppl_change_pct}
+            out_rows.append({"codec": name, "cache": name.split()[-1], **own_summary[name.split()[-1]],
+                             "ppl": agr.ppl_candidate, "first_token_equal": agr.first_token_equal,
+                             "positions": agr.positions})
+        f16_e2e = pool(vs_llama["f16"])
         summary = {
-            "codecs": summary_codecs, "llama_own": own, "prompts": len(texts), "positions": pool(results["f16"]).positions,
-            "ppl_ref": pool(results["f16"]).ppl_ref, "ppl_f16_injection": pool(results["f16"]).ppl_candidate,
-            "model": info.name, "prefill_device": str(engine.device),
+            "codecs": summary_codecs, "llama_own": own_summary,
+            "noise_floor": {k: probe[k] for k in ("top1", "kl", "top1_deployed", "kl_deployed")},
+            "prompts": len(texts), "positions": f16_e2e.positions,
+            "ppl_ref": f16_e2e.ppl_ref, "ppl_f16_injection": f16_e2e.ppl_candidate,
+            "ppl_f16_injection_float": pool(vs_f16["float", "f16"]).ppl_ref,
+            "model": info.name, "judge_model": judge_model.name, "prefill_device": str(engine.device),
             "torch_threads": torch.get_num_threads(), "repeats": repeats,
         }
         return out_rows, summary
@@ -197,11 +228,15 @@ def run_bench(model_path: Path, num_prompts: int, repeats: int, csv_path, json_o
             "decode payload GB/s": r.get("decode_payload_gbps", ""),
             "top1 vs f16 inj": r.get("top1", ""), "KL": f"{r['kl']:.5f}" if "kl" in r else "",
             "ppl change %": r.get("ppl_change_pct", ""),
+            "top1 deployed": r.get("top1_deployed", ""),
+            "KL deployed": f"{r['kl_deployed']:.5f}" if "kl_deployed" in r else "",
             "top1 vs llama.cpp": r["top1_vs_llama"], "ppl change vs llama.cpp %": r["ppl_change_vs_llama_pct"],
         })
     title = (f"KV codecs, {summary['model']}, {summary['prompts']} prompts (128-512 tokens), {summary['positions']} "
-             f"teacher-forced positions vs the f16 injection (ppl {summary['ppl_f16_injection']:.3f}) and vs llama.cpp's own "
-             f"f16 prefill (ppl {summary['ppl_ref']:.3f}); encode: torch on "
+             f"teacher-forced positions vs the f16 injection, judged on the weights dequantized to float "
+             f"({summary['judge_model']}, ppl {summary['ppl_f16_injection_float']:.3f}) and on the deployed weights "
+             f"(`deployed`, ppl {summary['ppl_f16_injection']:.3f}), and vs llama.cpp's own f16 prefill "
+             f"(ppl {summary['ppl_ref']:.3f}); encode: torch on "
              f"{summary['prefill_device']}, {summary['torch_threads']} threads; decode: numpy, 1 thread; GB/s of f16 "
              f"KV, {summary['repeats']} repeats over every layer of a {rows[0]['speed_tokens']}-token prompt")
     emit("codecs", [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in rows], summary,

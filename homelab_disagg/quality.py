@@ -7,6 +7,13 @@ position. Both predict t[P..L); we compare top-1 agreement, KL(ref || candidate)
 Free-running greedy agreement is a poor metric on small models (near-ties diverge for good), so
 teacher forcing is the figure reported.
 
+The judge's own noise: llama.cpp multiplies quantized weights (the default model is Q4_1) by
+activations it first rounds to 8-bit blocks, a step function. Through 30 layers any change to the
+injected KV, however small, flips some of those roundings: on the default model, flipping the last
+bit of one K element in 10,000 (`nudge_keys`) already costs ~4% top-1 and KL ~0.004, as much as a
+q8_0 cache. A codec's own cost is therefore judged on `float_weights_model`, the same weights
+dequantized to float, whose matmuls round nothing; the deployed weights give the floor beside it.
+
 Needs both engines in one process (tests and benchmarks only); imports them lazily.
 """
 
@@ -58,6 +65,77 @@ def pool(results: list[Agreement]) -> Agreement:
         float(np.exp(mean([np.log(r.ppl_ref) for r in results]))),
         float(np.exp(mean([np.log(r.ppl_candidate) for r in results]))),
     )
+
+
+def float_weights_model(model_path, cache_dir=None, max_f32_bytes: int = 4 << 30):
+    """The GGUF at model_path with every quantized weight dequantized: F32 (F16 when F32 would pass
+    max_f32_bytes; 1-D tensors stay F32). Written once into cache_dir/judge, named by the model's
+    fingerprint. The torch prefill engine dequantizes the same weights, so both sides hold one model."""
+    from pathlib import Path
+
+    import gguf
+
+    from homelab_disagg.config import cache_dir as default_cache_dir
+    from homelab_disagg.model import read_model_info
+
+    reader = gguf.GGUFReader(model_path)
+    n_elems = sum(int(t.n_elements) for t in reader.tensors)
+    dtype = np.float32 if 4 * n_elems <= max_f32_bytes else np.float16
+    tag = "f32" if dtype is np.float32 else "f16"
+    dest = Path(cache_dir or default_cache_dir()) / "judge" / f"{read_model_info(model_path).fingerprint_hex[:16]}.{tag}.gguf"
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_suffix(".part")
+    arch = reader.fields["general.architecture"]
+    writer = gguf.GGUFWriter(part, bytes(arch.parts[arch.data[0]]).decode())
+    for name, f in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue  # written by GGUFWriter itself
+        if name == "general.file_type":  # llama_ftype: ALL_F32 = 0, MOSTLY_F16 = 1
+            writer.add_uint32(name, 0 if tag == "f32" else 1)
+            continue
+        writer.add_key_value(name, *_field_value(f))
+    for t in reader.tensors:
+        x = gguf.quants.dequantize(t.data, t.tensor_type)
+        x = x.astype(np.float32 if x.ndim == 1 else dtype)
+        writer.add_tensor(t.name, x, raw_dtype=gguf.GGMLQuantizationType.F32 if x.dtype == np.float32
+                          else gguf.GGMLQuantizationType.F16)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    part.replace(dest)
+    return dest
+
+
+def _field_value(f) -> tuple:
+    """(value, value type[, sub type]) of a GGUFReader field, as GGUFWriter.add_key_value takes them."""
+    import gguf
+
+    T = gguf.GGUFValueType
+    text = lambda i: bytes(f.parts[i]).decode("utf-8", "surrogateescape")  # noqa: E731
+    if f.types[0] == T.ARRAY:
+        sub = f.types[1]
+        items = [text(i) if sub == T.STRING else f.parts[i].tolist()[0] for i in f.data]
+        return items, T.ARRAY, sub
+    if f.types[0] == T.STRING:
+        return text(f.data[0]), T.STRING
+    return f.parts[f.data[0]].tolist()[0], f.types[0]
+
+
+def nudge_keys(rows: list, fraction: float = 1e-4, seed: int = 0) -> list:
+    """Layer rows with the last bit of `fraction` of the K elements (as f16) flipped: the smallest
+    change KV can carry, to show a judge's noise floor."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for k, v in rows:
+        bits = k.to(torch.float16).cpu().view(torch.int16)
+        flip = (torch.rand(bits.shape, generator=gen) < fraction).to(torch.int16)
+        out.append(((bits ^ flip).view(torch.float16).to(k.device, k.dtype), v))
+    return out
 
 
 class LlamaJudge:

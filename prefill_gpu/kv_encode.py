@@ -90,18 +90,20 @@ def _kivi_groups(g: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor,
 
 def encode_kivi4(rows: torch.Tensor, role: str, head_dim: int = 0) -> torch.Tensor:
     """KIVI int4 in wire.codecs' layout: K per channel over groups of 32 tokens (the last group takes
-    the T % 32 extra tokens), V per token over groups of 32 channels; f16 scale and zero per group."""
+    the T % 32 extra tokens), V per token over groups of 32 channels as q4_1 blocks; f16 scale and zero
+    per group."""
     num_tokens, row_elems = rows.shape
     if row_elems % GROUP:
         raise codecs.CodecError(f"quantized KV rows must be a multiple of {GROUP} elements, got {row_elems}")
     x = rows.float()
-    if role == "v":
+    if role == "v":  # q4_1 blocks: f16 scale, f16 zero, 16 bytes of nibbles
         q, scale, zero = _kivi_groups(x.reshape(-1, GROUP), dim=1)
-    else:
-        head = (max(1, num_tokens // GROUP) - 1) * GROUP
-        parts = [_kivi_groups(x[:head].reshape(-1, GROUP, row_elems), dim=1)] if head else []
-        parts.append(_kivi_groups(x[head:][None], dim=1))
-        q, scale, zero = (torch.cat([p[i].reshape(-1, row_elems) for p in parts]) for i in range(3))
+        nib = q[:, :16] | (q[:, 16:] << 4)
+        return torch.cat((scale.view(torch.uint8), zero.view(torch.uint8), nib), dim=1).reshape(-1)
+    head = (max(1, num_tokens // GROUP) - 1) * GROUP
+    parts = [_kivi_groups(x[:head].reshape(-1, GROUP, row_elems), dim=1)] if head else []
+    parts.append(_kivi_groups(x[head:][None], dim=1))
+    q, scale, zero = (torch.cat([p[i].reshape(-1, row_elems) for p in parts]) for i in range(3))
     q = q.reshape(-1, GROUP)
     nib = q[:, :16] | (q[:, 16:] << 4)
     return torch.cat((nib.reshape(-1), scale.reshape(-1).view(torch.uint8), zero.reshape(-1).view(torch.uint8)))

@@ -5,9 +5,11 @@
     quantization step (llama.cpp quantizes the float32 K/V, we start from their f16 rounding).
 (b) torch KV -> codec -> decode -> inject into a context of the codec's cache type, teacher-forced
     over 8 prompts of 128..512 tokens against the f16 injection of the same KV (what the codec alone
-    costs) and against llama.cpp's own f16 prefill (the whole path): q8_0 keeps >= 95% top-1 of the
-    f16 injection (the issue's 97% is not reached: 95.6% measured, llama.cpp's own q8_0 cache 96.2%),
-    KIVI int4 is >= 3.2x smaller at <= 1% perplexity change.
+    costs, judged on the weights dequantized to float) and against llama.cpp's own f16 prefill (the
+    whole path, deployed weights): q8_0 keeps >= 97% top-1 of the f16 injection, KIVI int4 is >= 3.2x
+    smaller at <= 1% perplexity change.
+(b') why the float judge: on the deployed Q4_1 weights llama.cpp rounds activations to 8 bits, so a
+    single last-bit change in one K element of 10,000 already costs as much as q8_0 there.
 (c) the real path: PrefillWorker.prefill with codec q8_0 streams over ZeroMQ TCP, the decode side
     assembles into q8_0 rows (no re-layout) and a q8_0 llama.cpp context continues from them.
 """
@@ -22,7 +24,7 @@ from tests.conftest import needs_llama, needs_torch
 
 pytestmark = [pytest.mark.slow, needs_llama]
 
-Q8_0_TOP1 = 0.95  # teacher-forced against the f16 injection; the issue asks 0.97: measured 0.956 (README)
+Q8_0_TOP1 = 0.97  # teacher-forced against the f16 injection, float judge: measured 0.986 (README)
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +32,18 @@ def quant_judges(model_path):
     from homelab_disagg.quality import LlamaJudge
 
     judges = {t: LlamaJudge(model_path, n_ctx=1024, cache_type=t) for t in ("q8_0", "q4_0")}
+    yield judges
+    for j in judges.values():
+        j.close()
+
+
+@pytest.fixture(scope="module")
+def float_judges(model_path):
+    """f16 and q8_0 contexts on the model's weights dequantized to float (matmuls that round nothing)."""
+    from homelab_disagg.quality import LlamaJudge, float_weights_model
+
+    path = float_weights_model(model_path)
+    judges = {t: LlamaJudge(path, n_ctx=1024, cache_type=t) for t in ("f16", "q8_0")}
     yield judges
     for j in judges.values():
         j.close()
@@ -76,38 +90,55 @@ def _check_against_llama(own_f16_state, own_q_state, t, model_info, cache_type):
 
 
 @needs_torch
-def test_codecs_injected_quality_on_the_real_model(judge, quant_judges, torch_engine, model_info, quality_texts):
-    from homelab_disagg.quality import codec_state, compare, pool, torch_layer_rows
+def test_codecs_injected_quality_on_the_real_model(judge, quant_judges, float_judges, torch_engine, model_info,
+                                                   quality_texts):
+    from homelab_disagg.quality import codec_state, compare, nudge_keys, pool, torch_layer_rows
 
-    judges = {"f16": judge, "q8_0": quant_judges["q8_0"]}
+    deployed = {"f16": judge, "q8_0": quant_judges["q8_0"]}
     configs = (("f16", "f16"), ("q8_0", "q8_0"), ("kivi4", "f16"))  # q4_0: `homelab-disagg bench codecs`
-    vs_llama, vs_f16 = {cfg: [] for cfg in configs}, {cfg: [] for cfg in configs}
+    probe = ("1-ulp probe", "f16")
+    vs_llama = {cfg: [] for cfg in configs}
+    vs_f16 = {(w, cfg): [] for w in ("float", "deployed") for cfg in configs + (probe,)}
     wire_bytes, cells = dict.fromkeys(configs, 0), 0
     for ids, split in quality_texts:
         ref, targets = judge.reference(ids, split), np.array(ids[split:])
         rows = torch_layer_rows(torch_engine, model_info, ids[: split - 1])
         cells += split - 1
-        injected = {}
-        for codec, cache_type in configs:
-            state, nbytes = codec_state(rows, model_info, judges[cache_type].ctx.n_stream, cache_type, codec)
-            injected[codec, cache_type] = judges[cache_type].after_injection(ids, split, state)
-            vs_llama[codec, cache_type].append(compare(ref, injected[codec, cache_type], targets))
-            wire_bytes[codec, cache_type] += nbytes
-        for cfg in configs:
-            vs_f16[cfg].append(compare(injected["f16", "f16"], injected[cfg], targets))
+        for weights, judges in (("float", float_judges), ("deployed", deployed)):
+            injected = {}
+            for (codec, cache_type), layer_rows in [(cfg, rows) for cfg in configs] + [(probe, nudge_keys(rows))]:
+                j = judges[cache_type]
+                state, nbytes = codec_state(layer_rows, model_info, j.ctx.n_stream, cache_type,
+                                            "f16" if codec == probe[0] else codec)
+                injected[codec, cache_type] = j.after_injection(ids, split, state)
+                if weights == "deployed" and (codec, cache_type) in vs_llama:
+                    vs_llama[codec, cache_type].append(compare(ref, injected[codec, cache_type], targets))
+                    wire_bytes[codec, cache_type] += nbytes
+            for cfg, logits in injected.items():
+                vs_f16[weights, cfg].append(compare(injected["f16", "f16"], logits, targets))
     ratio = {cfg: model_info.kv_bytes_per_token_f16 * cells / wire_bytes[cfg] for cfg in configs}
-    e2e, alone = {cfg: pool(r) for cfg, r in vs_llama.items()}, {cfg: pool(r) for cfg, r in vs_f16.items()}
-    for cfg in configs:
-        a, b = alone[cfg], e2e[cfg]
-        print(f"{cfg[0]:>6} into {cfg[1]:>4}: {ratio[cfg]:.3f}x  vs f16 injection top1={a.top1:.4f} kl={a.kl:.5f} "
-              f"ppl {a.ppl_change_pct:+.2f}%  vs llama.cpp top1={b.top1:.4f} kl={b.kl:.5f} ppl {b.ppl_change_pct:+.2f}% "
-              f"over {a.positions} positions")
-    q8, kivi = alone["q8_0", "q8_0"], alone["kivi4", "f16"]
+    e2e = {cfg: pool(r) for cfg, r in vs_llama.items()}
+    alone = {key: pool(r) for key, r in vs_f16.items()}
+    for cfg in configs + (probe,):
+        a, d = alone["float", cfg], alone["deployed", cfg]
+        b = e2e.get(cfg)
+        print(f"{cfg[0]:>11} into {cfg[1]:>4}: {ratio.get(cfg, float('nan')):.3f}x  vs f16 injection, float judge "
+              f"top1={a.top1:.4f} kl={a.kl:.5f} ppl {a.ppl_change_pct:+.2f}%; deployed top1={d.top1:.4f} "
+              f"kl={d.kl:.5f} ppl {d.ppl_change_pct:+.2f}%"
+              + (f"; vs llama.cpp top1={b.top1:.4f} kl={b.kl:.5f}" if b else "") + f" over {a.positions} positions")
+    q8, kivi = alone["float", ("q8_0", "q8_0")], alone["float", ("kivi4", "f16")]
     assert e2e["f16", "f16"].top1 >= 0.95  # the path every codec starts from
-    assert q8.top1 >= Q8_0_TOP1 and q8.ppl_change_pct <= 1.0
+    assert q8.top1 >= Q8_0_TOP1 and q8.kl <= 1e-3 and abs(q8.ppl_change_pct) <= 1.0
     assert e2e["q8_0", "q8_0"].top1 >= e2e["f16", "f16"].top1 - 0.015  # and end to end within f16's noise
     assert ratio["q8_0", "q8_0"] == pytest.approx(64 / 34)
     assert ratio["kivi4", "f16"] >= 3.2 and kivi.ppl_change_pct <= 1.0 and kivi.kl <= 0.02
+    # deployed weights: kivi4 measured +0.94%; the judge's own floor (the probe) moves perplexity by ~0.1-0.3%
+    assert alone["deployed", ("kivi4", "f16")].ppl_change_pct <= 1.5
+    # (b') one flipped last bit in 10,000 K elements: invisible to the float judge, as costly as q8_0 to the
+    # deployed one. Were the float judge quantized, or the probe a no-op, this would fail.
+    floor_float, floor_deployed = alone["float", probe], alone["deployed", probe]
+    assert floor_float.kl < 1e-5 and floor_float.top1 >= 0.99
+    assert floor_deployed.kl > 1e-3 and floor_deployed.kl >= 0.5 * alone["deployed", ("q8_0", "q8_0")].kl
 
 
 @needs_torch

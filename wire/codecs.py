@@ -10,7 +10,8 @@ into rows of the llama.cpp cache type, ready to be laid into a sequence state bu
     q4_0         llama.cpp's q4_0 blocks, Hadamard-rotated                      18/32 bytes/elem
     kivi4        KIVI int4, asymmetric, f16 scale and zero per group: K per
                  channel over groups of 32 tokens (the T % 32 extra tokens join
-                 the last group), V per token over groups of 32 channels      <= 20/32 bytes/elem
+                 the last group), V per token over groups of 32 channels, as
+                 llama.cpp's q4_1 blocks                                       <= 20/32 bytes/elem
     f16+bp-zstd  lossless: the f16 high-byte plane through zstd, low bytes raw  ~1.7 bytes/elem
 
 q8_0/q4_0 payloads are exactly the rows llama.cpp keeps in a cache of that type, so a decode worker
@@ -26,8 +27,8 @@ not set LLAMA_ATTN_ROT_DISABLE. The CPU backend computes it as a fast transform 
 ggml_compute_forward_fwht); `rotate` repeats that arithmetic so the bits agree.
 
 The numpy encoders here are the reference: prefill_gpu/kv_encode.py computes the same bytes in torch
-on the prefill device, and tests pin the two together. This module imports no engine (wire.fp16
-borrows llama.cpp's float16 converter where it is installed, with the same bits as numpy's).
+on the prefill device, and tests pin the two together. This module imports no engine (wire.ggml
+borrows two of llama.cpp's CPU kernels where it is installed, with the same bits as numpy's).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from typing import Callable
 
 import numpy as np
 
-from wire import fp16, lossless
+from wire import ggml, lossless
 
 GROUP = 32  # elements per quantization block (q8_0, q4_0) and per KIVI group
 BLOCK_BYTES = {"q8_0": 34, "q4_0": 18}  # f16 scale + 32 int8 / 16 bytes of nibbles
@@ -217,9 +218,12 @@ def dequantize_rows(rows, num_tokens: int, row_elems: int, cache_type: str, role
 #   K per channel, over groups of 32 tokens; the T % 32 tokens past the last full group join it (a
 #     last group of 32..63 tokens), so no group pays scale and zero for a handful of tokens.
 #   V per token, over groups of 32 channels.
-# Payload: nibbles [T*C/32, 16], each row's 32-element blocks packed as q4_0 packs them (byte j =
-# q[j] | q[j+16] << 4), then the f16 scales and f16 zeros: K [G, C] each (G = max(1, T // 32)),
-# V [T*C/32] each. 4.5 + bits per element: >= 3.2x smaller than f16 for any T >= 32.
+# Nibbles are packed as q4_0 and q4_1 pack them (byte j = q[j] | q[j+16] << 4).
+# K payload: nibbles [T*C/32, 16] (32 consecutive elements of a [T, C] row each), then the f16
+#   scales [G, C] and f16 zeros [G, C] (G = max(1, T // 32)).
+# V payload: T*C/32 blocks of llama.cpp's q4_1 (f16 scale d, f16 zero m, 16 bytes of nibbles; x =
+#   q * d + m), so the decode box dequantizes them with ggml's own loop (wire.ggml).
+# 4.5 + bits per element: >= 3.2x smaller than f16 for any T >= 32.
 
 
 def _kivi_groups(g: np.ndarray, axis: int):
@@ -248,28 +252,29 @@ def kivi4_encode(x: np.ndarray, role: str, head_dim: int = 0) -> bytes:
     x = np.asarray(x, dtype=_F32)
     if role == "v":
         q, scale, zero = _kivi_groups(x.reshape(-1, GROUP), axis=1)
-    else:
-        head = (_kivi_k_groups(num_tokens) - 1) * GROUP  # tokens in the groups before the last
-        parts = [_kivi_groups(x[:head].reshape(-1, GROUP, row_elems), axis=1)] if head else []
-        parts.append(_kivi_groups(x[head:][None], axis=1))
-        q, scale, zero = (np.concatenate([p[i].reshape(-1, row_elems) for p in parts]) for i in range(3))
+        blocks = np.empty((len(q), ggml.Q4_1_BLOCK_BYTES), dtype=np.uint8)
+        blocks[:, 0:2] = scale.view(np.uint8)
+        blocks[:, 2:4] = zero.view(np.uint8)
+        blocks[:, 4:] = q[:, :16] | (q[:, 16:] << 4)
+        return blocks.tobytes()
+    head = (_kivi_k_groups(num_tokens) - 1) * GROUP  # tokens in the groups before the last
+    parts = [_kivi_groups(x[:head].reshape(-1, GROUP, row_elems), axis=1)] if head else []
+    parts.append(_kivi_groups(x[head:][None], axis=1))
+    q, scale, zero = (np.concatenate([p[i].reshape(-1, row_elems) for p in parts]) for i in range(3))
     q = q.reshape(-1, GROUP)
     return b"".join(np.ascontiguousarray(a).tobytes() for a in (q[:, :16] | (q[:, 16:] << 4), scale, zero))
 
 
 def kivi4_dequantize(payload, num_tokens: int, row_elems: int, role: str) -> np.ndarray:
     """payload -> [T, C] float32."""
+    if role == "v":
+        return ggml.dequantize_q4_1(payload, num_tokens * row_elems).reshape(num_tokens, row_elems)
     buf = np.frombuffer(payload, dtype=np.uint8)
     n = num_tokens * row_elems // GROUP
     q = np.empty((n, GROUP), dtype=_F32)
     nib = buf[: 16 * n].reshape(n, 16)
     q[:, :16] = nib & 15
     q[:, 16:] = nib >> 4
-    if role == "v":
-        scale, zero = buf[16 * n :].view("<f2").astype(_F32).reshape(2, n, 1)
-        q *= scale
-        q += zero
-        return q.reshape(num_tokens, row_elems)
     g = _kivi_k_groups(num_tokens)
     scale, zero = buf[16 * n :].view("<f2").astype(_F32).reshape(2, g, row_elems)
     q = q.reshape(num_tokens, row_elems)
@@ -323,7 +328,7 @@ def _block_codec(name: str):
         if cache_type == name:
             return payload
         if cache_type == "f16":
-            return fp16.to_f16(dequantize_rows(payload, num_tokens, row_elems, name, role, head_dim))
+            return ggml.to_f16(dequantize_rows(payload, num_tokens, row_elems, name, role, head_dim))
         # q8_0 <-> q4_0: both caches hold the same rotation, so requantize without undoing it
         n = hadamard_size(role, head_dim) or GROUP
         runs = _block_runs(payload, num_tokens, row_elems, name, n)
@@ -335,7 +340,7 @@ def _block_codec(name: str):
 def _kivi4_decode(payload, num_tokens, row_elems, cache_type, role, head_dim):
     _check_args("kivi4", payload, kivi4_payload_bytes(num_tokens, row_elems, role), num_tokens, row_elems, cache_type, role)
     x = kivi4_dequantize(payload, num_tokens, row_elems, role)
-    return fp16.to_f16(x) if cache_type == "f16" else quantize_rows(x, cache_type, role, head_dim)
+    return ggml.to_f16(x) if cache_type == "f16" else quantize_rows(x, cache_type, role, head_dim)
 
 
 def _bp_zstd_encode(x: np.ndarray, role: str, head_dim: int):
@@ -365,7 +370,8 @@ def register(codec: Codec) -> Codec:
 F16 = register(Codec("f16", 1, _f16_encode, _f16_decode, lambda t, c, role="k": t * c * 2, "f16", True))
 Q8_0 = register(Codec("q8_0", 2, *_block_codec("q8_0"), "q8_0", False))
 Q4_0 = register(Codec("q4_0", 3, *_block_codec("q4_0"), "q4_0", False))
-KIVI4 = register(Codec("kivi4", 4, kivi4_encode, _kivi4_decode, kivi4_payload_bytes, None, False))
+# kivi4's id 4 was the layout with V's scales and zeros after its nibbles; 6 is V as q4_1 blocks
+KIVI4 = register(Codec("kivi4", 6, kivi4_encode, _kivi4_decode, kivi4_payload_bytes, None, False))
 F16_BP_ZSTD = register(Codec("f16+bp-zstd", 5, _bp_zstd_encode, _bp_zstd_decode,
                              lambda t, c, role="k": lossless.max_payload_bytes(t * c), None, True))
 

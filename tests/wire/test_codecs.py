@@ -359,13 +359,16 @@ def test_kivi4_decode_is_the_payload_layout_formula(t, role):
     x = (np.random.default_rng(t).standard_normal((t, c)) * np.linspace(0.1, 8, c)).astype(F32)
     p = encode("kivi4", x, role)
     buf, n = np.frombuffer(p, np.uint8), t * c // 32
-    nib = buf[: 16 * n].reshape(n, 16)
-    q = np.concatenate([nib & 15, nib >> 4], axis=1).astype(F32)  # [groups, 32]
-    params = buf[16 * n :].view("<f2").astype(F32)
-    if role == "v":
-        scale, zero = params.reshape(2, n, 1)
+    if role == "v":  # llama.cpp's q4_1 blocks: f16 d, f16 m, 16 bytes of nibbles
+        blocks = buf.reshape(n, 20)
+        scale, zero = (blocks[:, i : i + 2].copy().view("<f2").astype(F32) for i in (0, 2))
+        nib = blocks[:, 4:]
+        q = np.concatenate([nib & 15, nib >> 4], axis=1).astype(F32)
         want = (q * scale + zero).reshape(t, c)
     else:
+        nib = buf[: 16 * n].reshape(n, 16)
+        q = np.concatenate([nib & 15, nib >> 4], axis=1).astype(F32)  # [groups, 32]
+        params = buf[16 * n :].view("<f2").astype(F32)
         g = max(1, t // 32)
         scale, zero = params.reshape(2, g, c)
         gi = np.minimum(np.arange(t) // 32, g - 1)  # the last group takes the t % 32 extra tokens
