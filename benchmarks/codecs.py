@@ -189,7 +189,7 @@ def measure(model_path: Path, num_prompts: int, repeats: int, progress=lambda: N
         f16_e2e = pool(vs_llama["f16"])
         summary = {
             "codecs": summary_codecs, "llama_own": own_summary,
-            "noise_floor": {k: probe[k] for k in ("top1", "kl", "top1_deployed", "kl_deployed")},
+            "noise_floor": {k: v for k, v in probe.items() if k not in ("codec", "positions")},
             "prompts": len(texts), "positions": f16_e2e.positions,
             "ppl_ref": f16_e2e.ppl_ref, "ppl_f16_injection": f16_e2e.ppl_candidate,
             "ppl_f16_injection_float": pool(vs_f16["float", "f16"]).ppl_ref,

@@ -386,14 +386,18 @@ def bench_wire(
     link_mb: Annotated[int, typer.Option(help="MiB moved per Gbit of shaped link per measurement.")] = 96,
     prompt_tokens: Annotated[int, typer.Option(help="Prompt length for the overlap measurement.")] = 1024,
     repeats: Annotated[int, typer.Option(help="Repeats per measurement (best goodput, median times).")] = 3,
+    prefill_device: Annotated[str, typer.Option(help="Overlap's prefill worker: auto, cuda or cpu.")] = "auto",
+    prefill_threads: Annotated[int, typer.Option(help="Overlap's prefill worker torch threads (0: default).")] = 0,
+    decode_threads: Annotated[int, typer.Option(help="Overlap's decode worker llama.cpp threads (0: default).")] = 0,
     csv: CsvOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """KV stream vs a plain TCP socket (loopback, 1 and 10 Gbit link lab) and layer-streaming overlap."""
     try:
-        from benchmarks.wire import run_bench
+        from benchmarks.wire import OverlapWorkers, run_bench
 
-        run_bench(_model_path(model), loopback_mb, link_mb, prompt_tokens, repeats, csv, json_out, console)
+        workers = OverlapWorkers(prefill_device, prefill_threads, decode_threads)
+        run_bench(_model_path(model), loopback_mb, link_mb, prompt_tokens, repeats, csv, json_out, console, workers)
     except DisaggError as e:
         _fail(e)
 
