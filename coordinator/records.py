@@ -98,15 +98,17 @@ def summarize(records: list[RequestRecord], wall_s: float) -> dict:
 
 def run_metadata(extra: dict | None = None) -> dict:
     """Host and git facts written beside every result."""
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
-                               cwd=Path(__file__).parent, timeout=5).stdout.strip() != ""
-    except (OSError, subprocess.TimeoutExpired):
-        rev, dirty = "", False
-    if not rev:  # a copy of the tree without its repository (a lent GPU box): the copier says which commit
-        rev, dirty = os.environ.get("HOMELAB_DISAGG_GIT_REV", "unknown (not a git checkout)"), False
+    # a copied tree (a lent GPU box) may carry no repository, or a stale one: the copier says which commit
+    rev, dirty = os.environ.get("HOMELAB_DISAGG_GIT_REV", ""), False
+    if not rev:
+        try:
+            rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                 cwd=Path(__file__).parent, timeout=5).stdout.strip()
+            dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
+                                   cwd=Path(__file__).parent, timeout=5).stdout.strip() != ""
+        except (OSError, subprocess.TimeoutExpired):
+            rev = ""
+        rev = rev or "unknown (not a git checkout)"
     meta = {
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": socket.gethostname(),

@@ -155,7 +155,9 @@ def test_prefill_worker_streams_q8_0_over_zmq_into_a_q8_0_context(judge, quant_j
     zctx = zmq.Context()
     pull = transport.bind_kv_pull(zctx, "tcp://127.0.0.1:0")
     kv_addr = pull.getsockopt(zmq.LAST_ENDPOINT).decode()
-    worker = PrefillWorker(PrefillWorkerConfig(model_path, control_addr="tcp://127.0.0.1:0", device="cpu"), "t")
+    # the worker's engine on the fixture engine's device, so the two compute the same KV bits
+    worker = PrefillWorker(PrefillWorkerConfig(model_path, control_addr="tcp://127.0.0.1:0",
+                                               device=torch_engine.device.type), "t")
     geom = kv_assembler.Geometry(model_info.fingerprint, model_info.num_layers, model_info.kv_row_elems, "q8_0",
                                  q8.ctx.n_stream, model_info.head_dim)
     try:
