@@ -441,6 +441,8 @@ def test_torch_encoders_match_the_numpy_reference(x, role, name, head_dim):
     from prefill_gpu.kv_encode import ENCODERS
 
     assume(x.shape[1] % head_dim == 0 or head_dim == 64)
-    for rows in (torch.from_numpy(x), torch.from_numpy(x).half()):  # CPU engines give float32, CUDA float16
-        got = ENCODERS[name](rows, role, head_dim).cpu().numpy().tobytes()
-        assert got == encode(name, x, role, head_dim)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # the GPU's kernels, where there is one
+    for device in devices:
+        for rows in (torch.from_numpy(x), torch.from_numpy(x).half()):  # CPU engines give float32, CUDA float16
+            got = ENCODERS[name](rows.to(device), role, head_dim).cpu().numpy().tobytes()
+            assert got == encode(name, x, role, head_dim), device

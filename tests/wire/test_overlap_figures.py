@@ -12,15 +12,21 @@ def _dis(ttft_ms, kv_wait_ms):
             "encode_ms": 2.0, "inject_ms": 1.5, "first_step_ms": 4.0, "prompt_tokens": 1025}
 
 
+def _alone(ttft_ms):
+    return {"ttft_ms": ttft_ms, "prefill_compute_ms": ttft_ms - 1.0}  # 1 ms of messages
+
+
 def test_overlap_excess_is_ttft_over_the_prefill_engines_own_ttft():
     runs = {
         "streaming": {"disaggregated": [_dis(320.0, 310.0), _dis(322.0, 311.0), _dis(330.0, 315.0)],
-                      "colocated-gpu": [{"ttft_ms": 305.0}, {"ttft_ms": 306.0}, {"ttft_ms": 304.0}]},
+                      "colocated-gpu": [_alone(305.0), _alone(306.0), _alone(304.0)]},
         "whole": {"disaggregated": [_dis(500.0, 490.0)] * 3,
-                  "colocated-gpu": [{"ttft_ms": 305.0}] * 3},
+                  "colocated-gpu": [_alone(255.0)] * 3},  # the prefill alone was faster in this run
     }
     f = overlap_figures(runs, layer_transfer_ms=6.3)
     assert f["overlap_excess_ms"] == pytest.approx(322.0 - 305.0)  # medians
     assert f["streaming_kv_ready_excess_ms"] == pytest.approx(311.0 - 1.0 - 300.0 - 2.0)
-    assert f["whole_ttft_excess_ms"] == pytest.approx(500.0 - 305.0)
+    assert f["whole_ttft_excess_ms"] == pytest.approx(500.0 - 255.0)
+    # paired: (TTFT - own forward pass) disaggregated minus the same alone (the engine's TTFT is its compute)
+    assert f["streaming_ttft_excess_paired_ms"] == pytest.approx(322.0 - 300.0 - 1.0)
     assert f["layer_transfer_ms"] == 6.3 and f["prompt_tokens"] == 1024
