@@ -114,13 +114,13 @@ def _field_value(f) -> tuple:
     import gguf
 
     T = gguf.GGUFValueType
-    text = lambda i: bytes(f.parts[i]).decode("utf-8", "surrogateescape")  # noqa: E731
+    raw = lambda i: bytes(f.parts[i])  # noqa: E731  (strings as their bytes: token texts need not be UTF-8)
     if f.types[0] == T.ARRAY:
         sub = f.types[1]
-        items = [text(i) if sub == T.STRING else f.parts[i].tolist()[0] for i in f.data]
+        items = [raw(i) if sub == T.STRING else f.parts[i].tolist()[0] for i in f.data]
         return items, T.ARRAY, sub
     if f.types[0] == T.STRING:
-        return text(f.data[0]), T.STRING
+        return raw(f.data[0]), T.STRING
     return f.parts[f.data[0]].tolist()[0], f.types[0]
 
 

@@ -49,6 +49,25 @@ def float_judges(model_path):
         j.close()
 
 
+def test_float_judge_model_is_the_same_model_with_float_weights(model_path):
+    import gguf
+
+    from homelab_disagg.quality import float_weights_model
+
+    judge_path = float_weights_model(model_path)
+    assert float_weights_model(model_path) == judge_path  # written once
+    ours, theirs = gguf.GGUFReader(judge_path), gguf.GGUFReader(model_path)
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    assert {t.tensor_type for t in ours.tensors} == {gguf.GGMLQuantizationType.F32}
+    quantized = next(t for t in theirs.tensors if t.tensor_type != gguf.GGMLQuantizationType.F32)
+    mine = next(t for t in ours.tensors if t.name == quantized.name)
+    assert np.array_equal(np.asarray(mine.data).reshape(-1),
+                          gguf.quants.dequantize(quantized.data, quantized.tensor_type).reshape(-1))
+    for key in ("tokenizer.ggml.tokens", "tokenizer.chat_template", "llama.rope.freq_base"):
+        a, b = ours.fields[key], theirs.fields[key]
+        assert [bytes(a.parts[i]) for i in a.data] == [bytes(b.parts[i]) for i in b.data], key
+
+
 def test_numpy_quantization_of_llama_f16_kv_is_llama_own_quantized_kv(judge, quant_judges, model_info, quality_texts):
     ids = quality_texts[2][0][:160]
     own_f16 = judge.own_state(ids)
