@@ -28,7 +28,8 @@ from coordinator.records import RequestRecord
 from homelab_disagg.config import LabConfig
 from homelab_disagg.errors import CapacityError, PeerError, RequestError
 from wire.messages import (
-    Admit, Admitted, Cancel, Detokenize, Detokenized, Failed, Finished, Generate, GenerateDone, Prefill, PrefillDone,
+    Admit, Admitted, Cancel, Detokenize, Detokenized, Failed, Finished, FirstToken, Generate, GenerateDone, Prefill,
+    PrefillDone,
     Refused, Sampling, Tokenize, Tokenized,
 )
 
@@ -278,6 +279,10 @@ class Coordinator:
             admit_ids = prog.prompt_ids + prog.generated
             sampling = replace(req.sampling, max_tokens=req.sampling.max_tokens - len(prog.generated))
         remote = disaggregated and any(l.healthy for l in self.prefill)  # no prefill worker left: prefill locally
+        pre = self.pick_prefill() if remote else None
+        # the prefill worker's greedy pick of the first token, streamed before the KV has landed
+        first_from_prefill = (pre is not None and first_attempt and self.lab.first_token_from_prefill
+                              and req.sampling.temperature <= 0 and _samples_first(pre))
         rec.decode_worker = dec.name
         stream = dec.open_stream(rid)  # before Admit: tokens may follow the admission at once
         dec.inflight += 1
@@ -285,7 +290,7 @@ class Coordinator:
         prefill_task = None
         try:
             admit = Admit(rid, req.prompt if first_attempt else None, req.messages if first_attempt else None,
-                          admit_ids, sampling, "remote" if remote else "local", self.lab.codec)
+                          admit_ids, sampling, "remote" if remote else "local", self.lab.codec, first_from_prefill)
             reply = await dec.call(rid, admit, timeout_s=self.health.admit_timeout_s)
             if first_attempt:
                 rec.admit_ms = (time.perf_counter() - t_admit) * 1e3
@@ -300,18 +305,21 @@ class Coordinator:
                 prog.prompt_ids = list(reply.token_ids)
                 rec.prompt_tokens = len(reply.token_ids)
             if remote and len(reply.token_ids) > 1:
-                pre = self.pick_prefill()
                 rec.prefill_worker = pre.name
-                prefill_task = asyncio.create_task(self._prefill(pre, rid, reply.token_ids[:-1], self.kv_addr[dec.name]))
+                kv_ids = reply.token_ids if first_from_prefill else reply.token_ids[:-1]
+                prefill_task = asyncio.create_task(
+                    self._prefill(pre, dec, rid, kv_ids, self.kv_addr[dec.name], first_from_prefill))
             elif disaggregated:
                 rec.prefill_worker = "local"
             async for ev in self._stream_tokens(dec, stream, prefill_task, rec, prog, t0):
                 yield ev
             if prefill_task is not None:
                 self._absorb_prefill(await prefill_task, rec)
+                # what of the TTFT is neither compute nor the decode side's own work; a first token from
+                # the prefill worker is streamed before the inject and the first step
+                decode_side = 0.0 if first_from_prefill else rec.queue_ms + rec.inject_ms + rec.first_step_ms
                 rec.wire_exposed_ms = max(
-                    0.0, rec.ttft_ms - rec.admit_ms - rec.prefill_compute_ms - rec.encode_ms
-                    - rec.queue_ms - rec.inject_ms - rec.first_step_ms,
+                    0.0, rec.ttft_ms - rec.admit_ms - rec.prefill_compute_ms - rec.encode_ms - decode_side,
                 )
         except BaseException:
             try:
@@ -325,13 +333,24 @@ class Coordinator:
             dec.inflight -= 1
             dec.close_stream(rid)
 
-    async def _prefill(self, pre: WorkerLink, rid: bytes, token_ids: list, kv_addr: str):
+    async def _prefill(self, pre: WorkerLink, dec: WorkerLink, rid: bytes, token_ids: list, kv_addr: str,
+                       sample_first: bool):
+        """Prefill on `pre`, its KV to `dec`; a first token it sampled goes on to `dec` at once."""
         pre.inflight += 1
         try:
-            msg = Prefill(rid, token_ids, kv_addr, self.lab.codec, self.lab.layer_streaming)
-            return await pre.call(rid, msg, timeout_s=self.lab.request_timeout_s)
+            msg = Prefill(rid, token_ids, kv_addr, self.lab.codec, self.lab.layer_streaming, sample_first)
+            res = await pre.call(rid, msg, timeout_s=self.lab.request_timeout_s)
         finally:
             pre.inflight -= 1
+        if sample_first and isinstance(res, PrefillDone):
+            if res.first_token < 0:
+                raise PeerError(f"prefill worker {pre.name} did not sample the first token it was asked for; "
+                                "run the same homelab-disagg version on every box")
+            try:
+                dec.send(FirstToken(rid, res.first_token))
+            except PeerError:
+                pass  # the decode worker is gone: its stream reports it
+        return res
 
     async def _stream_tokens(self, dec: WorkerLink, stream: asyncio.Queue, prefill_task, rec: RequestRecord,
                              prog: _Progress, t0: float):
@@ -461,3 +480,8 @@ def _stop_cut(text: str, piece: str, stops: tuple[str, ...]) -> str | None:
         if at >= 0:
             return tail[len(text):at] if at >= len(text) else ""
     return None
+
+
+def _samples_first(pre: WorkerLink) -> bool:
+    """Whether the prefill worker says (in its last Pong) that it can sample a first token."""
+    return bool(pre.last_pong is not None and pre.last_pong.extra.get("first_token"))

@@ -7,6 +7,10 @@ Every `step` decodes one token for each running sequence in a single `llama_deco
 their KV lands. The first output token comes from llama.cpp itself: the prefill side ships the
 KV of all prompt tokens but the last, and the first step decodes that last token here, so the
 request's own sampler (temperature, seed, ...) picks every output token including the first.
+Unless the request was admitted with its first token from the prefill worker (greedy requests,
+`first_token_from_prefill`): then the KV covers every prompt token, the token arrives on its own
+(`accept_first_token`, streamed at once, usually before the KV's last layer), and the first step
+decodes from it. The sequence runs once it has both.
 Greedy rows are an argmax over llama.cpp's logits (what its greedy sampler does, without building
 a candidate array per row); other rows go through a llama.cpp sampler chain of their own.
 Rows go in slot order and held slots stay a prefix 0..n-1 (slots.py), because llama.cpp (one KV
@@ -91,6 +95,7 @@ class Sequence:
     owner: bytes = b""  # the coordinator's socket identity, for routing output back
     slot: int = -1
     sampler: llama.Sampler | None = None  # None: greedy (argmax)
+    first_from_prefill: bool = False  # KV of every prompt token; the first output token comes from outside
     n_past: int = 0  # cells of this sequence in the cache
     next_token: int = -1  # token to feed at position n_past in the next step
     output_ids: list[int] = field(default_factory=list)
@@ -156,7 +161,8 @@ class DecodeEngine:
             raise RequestError("the request has no prompt")
         return self.model.tokenize(prompt, add_special=True, parse_special=False)
 
-    def admit(self, request_id: bytes, prompt_ids: list[int], sampling: Sampling, local_prefill: bool, owner=b"") -> Sequence:
+    def admit(self, request_id: bytes, prompt_ids: list[int], sampling: Sampling, local_prefill: bool, owner=b"",
+              first_from_prefill: bool = False) -> Sequence:
         if request_id in self.seqs:
             raise RequestError("request id is already in use on this decode worker")
         if not prompt_ids:
@@ -171,21 +177,39 @@ class DecodeEngine:
         if sampling.temperature > 0 and not (sampling.top_k >= 0 and 0.0 < sampling.top_p <= 1.0):
             raise RequestError("top_k must be >= 0 and top_p in (0, 1]")
         self.slots.check_capacity(len(self.seqs))
+        if first_from_prefill and sampling.temperature > 0:
+            raise RequestError("only a greedy request (temperature 0) may take its first token from the prefill worker")
         seq = Sequence(request_id, prompt_ids, sampling, WAIT_KV, owner, out=OutputText(sampling.stop))
         self.seqs[request_id] = seq
         if local_prefill or len(prompt_ids) == 1:
             seq.state = PREFILL
             self._ready.append(request_id)
+        else:
+            seq.first_from_prefill = first_from_prefill
         return seq
 
     def kv_landed(self, seq: Sequence, state_buf: bytearray, t_first_frame_s: float, t_last_frame_s: float) -> None:
         seq.state_buf, seq.state = state_buf, READY
         seq.timings["kv_wait_ms"] = (t_last_frame_s - seq.t_admit_s) * 1e3
         seq.timings["kv_recv_ms"] = (t_last_frame_s - t_first_frame_s) * 1e3
-        self._ready.append(seq.request_id)
+        if not seq.first_from_prefill or seq.output_ids:  # else it waits for its first token
+            self._ready.append(seq.request_id)
+
+    def accept_first_token(self, seq: Sequence, token_id: int) -> StepOutput | None:
+        """The first output token of a sequence admitted with first_from_prefill, sampled by the
+        prefill worker: stream it now (stop strings, EOS and max_tokens apply as to any token) and
+        decode from it once the KV is in. None when the sequence takes no such token (any more)."""
+        if not seq.first_from_prefill or seq.output_ids or seq.state not in (WAIT_KV, READY):
+            return None
+        out = self._advance(seq, token_id, 0.0)
+        if out.finish_reason is not None:
+            self.release(seq)
+        elif seq.state == READY:
+            self._ready.append(seq.request_id)
+        return out
 
     def expected_kv_tokens(self, seq: Sequence) -> int:
-        return len(seq.prompt_ids) - 1
+        return len(seq.prompt_ids) - (0 if seq.first_from_prefill else 1)
 
     # --- the loop's stages ---------------------------------------------------------------
 
@@ -220,7 +244,9 @@ class DecodeEngine:
         if self.ctx.seq_pos_max(seq.slot) != n_cells - 1:
             raise RequestError(f"injected KV holds positions up to {self.ctx.seq_pos_max(seq.slot)}, expected {n_cells - 1}")
         seq.state_buf = None
-        seq.n_past, seq.next_token, seq.state = n_cells, seq.prompt_ids[-1], RUNNING
+        if not seq.first_from_prefill:  # else next_token is already the first output token
+            seq.next_token = seq.prompt_ids[-1]
+        seq.n_past, seq.state = n_cells, RUNNING
         self.running[seq.slot] = seq
         seq.timings["inject_ms"] = (time.perf_counter() - t0) * 1e3
         seq.timings["t_inject_done_s"] = time.perf_counter()

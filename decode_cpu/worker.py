@@ -25,7 +25,8 @@ from homelab_disagg.errors import CapacityError, RequestError
 from homelab_disagg.model import read_model_info
 from wire import frame, messages, transport
 from wire.messages import (
-    Admit, Admitted, Cancel, Detokenize, Detokenized, Failed, Finished, Ping, Pong, Refused, Tokenize, Tokenized, Tokens,
+    Admit, Admitted, Cancel, Detokenize, Detokenized, Failed, Finished, FirstToken, Ping, Pong, Refused, Tokenize,
+    Tokenized, Tokens,
 )
 
 log = logging.getLogger("decode")
@@ -88,6 +89,8 @@ class DecodeWorker:
                 self.admit(identity, msg)
             elif isinstance(msg, Cancel):
                 self.cancel(msg.request_id)
+            elif isinstance(msg, FirstToken):
+                self.first_token(msg)
             elif isinstance(msg, Tokenize):
                 try:
                     ids = self.engine.tokenize_request(msg.prompt, msg.messages, None)
@@ -100,7 +103,8 @@ class DecodeWorker:
     def admit(self, identity: bytes, msg: Admit) -> None:
         try:
             ids = self.engine.tokenize_request(msg.prompt, msg.messages, msg.token_ids)
-            seq = self.engine.admit(msg.request_id, ids, msg.sampling, msg.kv_source == "local", identity)
+            seq = self.engine.admit(msg.request_id, ids, msg.sampling, msg.kv_source == "local", identity,
+                                    first_from_prefill=msg.first_token_from_prefill and msg.kv_source == "remote")
         except CapacityError as e:
             transport.reply(self.control, identity, Refused(msg.request_id, str(e), "capacity"))
             return
@@ -123,6 +127,20 @@ class DecodeWorker:
         if pieces:
             pieces[-1] += text.flush()
         return Detokenized(msg.request_id, pieces, is_eog)
+
+    def first_token(self, msg: FirstToken) -> None:
+        seq = self.engine.seqs.get(msg.request_id)
+        if seq is None:
+            return  # cancelled or failed meanwhile
+        if not 0 <= int(msg.token_id) < self.engine.model.n_vocab:
+            self.cancel(msg.request_id)
+            self.fail(seq.owner, msg.request_id, f"first token {msg.token_id} is not a token id of this model", "bad_request")
+            return
+        out = self.engine.accept_first_token(seq, int(msg.token_id))
+        if out is not None:
+            if out.finish_reason is not None:
+                self.assemblies.pop(msg.request_id, None)  # its remaining KV frames are dropped on arrival
+            self.emit([out])
 
     def cancel(self, request_id: bytes) -> None:
         self.assemblies.pop(request_id, None)

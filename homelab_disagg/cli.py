@@ -70,6 +70,8 @@ def run(
     engine: Annotated[str, typer.Option(help="Local prefill worker's engine: torch or vllm.")] = "torch",
     codec: Annotated[str, typer.Option(help="KV codec on the wire.")] = "f16",
     layer_streaming: Annotated[bool, typer.Option(help="Send each layer's KV as soon as it is computed.")] = True,
+    first_token_from_prefill: Annotated[bool, typer.Option(help="Greedy requests: the prefill worker picks the first "
+                                                                "token, streamed before the KV is injected.")] = False,
     baselines: Annotated[bool, typer.Option(help="Also run llama.cpp alone and the prefill engine alone.")] = True,
     csv: Annotated[Optional[Path], typer.Option(help="CSV output path. Default: results/run-<time>.csv")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON summary line last.")] = False,
@@ -86,7 +88,8 @@ def run(
         archs = ("disaggregated", "colocated-cpu", "colocated-gpu") if baselines else ("disaggregated",)
         items = make_workload(requests, min_prompt, max_prompt, max_tokens)
         if config is not None:
-            lab = load_lab(config).with_(codec=codec, layer_streaming=layer_streaming)
+            lab = load_lab(config).with_(codec=codec, layer_streaming=layer_streaming,
+                                         first_token_from_prefill=first_token_from_prefill)
             results, meta = report.run_and_collect(lab, items, archs, concurrency, console)
         else:
             path = _model_path(model)
@@ -94,7 +97,8 @@ def run(
                 local = LocalLab(path, prefill_args=["--device", device, "--engine", engine])
                 lab = local.start()
             try:
-                lab = lab.with_(codec=codec, layer_streaming=layer_streaming)
+                lab = lab.with_(codec=codec, layer_streaming=layer_streaming,
+                                first_token_from_prefill=first_token_from_prefill)
                 results, meta = report.run_and_collect(lab, items, archs, concurrency, console)
             finally:
                 local.stop()

@@ -105,6 +105,9 @@ class LabConfig:
     # a prefill worker lost mid-request: re-prefill on the decode worker (llama.cpp) and carry on, or
     # end the request with an error that names the worker (for setups that must not fall back to CPU)
     prefill_failover: bool = True
+    # greedy requests: the prefill worker (torch engine) samples the first token and the coordinator
+    # streams it right after the forward pass, before the KV's last layer is injected and decoded
+    first_token_from_prefill: bool = False
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -150,6 +153,7 @@ def load_lab(path: Path) -> LabConfig:
             http_port=int(coord.get("http_port", 8000)),
             request_timeout_s=float(coord.get("request_timeout_s", 120.0)),
             prefill_failover=_flag(coord, "prefill_failover", True, path),
+            first_token_from_prefill=_flag(coord, "first_token_from_prefill", False, path),
         )
     except KeyError as e:
         raise ConfigError(f"lab config {path}: missing key {e.args[0]!r}") from None

@@ -90,9 +90,14 @@ class TorchPrefillEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    @torch.inference_mode()
     def prefill(self, token_ids: list[int], on_layer: OnLayer) -> float:
         """Run the decoder over `token_ids`, calling on_layer per layer. Returns compute ms."""
+        return self.prefill_and_sample(token_ids, on_layer, sample=False)[0]
+
+    @torch.inference_mode()
+    def prefill_and_sample(self, token_ids: list[int], on_layer: OnLayer, sample: bool = True) -> tuple[float, int]:
+        """As prefill; with `sample`, also the greedy next token (the LM head over the last position
+        only). Returns (compute ms, token id or -1)."""
         from transformers import DynamicCache
 
         ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
@@ -100,9 +105,10 @@ class TorchPrefillEngine:
         self._on_layer = on_layer
         try:
             t0 = time.perf_counter()
-            self.decoder(input_ids=ids, past_key_values=self._cache, use_cache=True)
+            hidden = self.decoder(input_ids=ids, past_key_values=self._cache, use_cache=True).last_hidden_state
+            token = int(self.lm.lm_head(hidden[:, -1]).argmax()) if sample else -1  # [1, hidden] -> [1, vocab]
             self.sync()
-            return (time.perf_counter() - t0) * 1e3
+            return (time.perf_counter() - t0) * 1e3, token
         finally:
             self._on_layer, self._cache = None, None
 

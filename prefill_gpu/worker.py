@@ -1,6 +1,7 @@
 """The prefill worker process: takes Prefill requests, streams each layer's KV to a decode worker.
 
     request -> forward pass, per layer: rows -> encode (on device) -> D2H -> sender thread -> PUSH
+            [-> the greedy next token, when asked: PrefillDone.first_token]
 
 The forward pass never waits for the network unless the sender's bounded queue is full
 (backpressure); with `layer_streaming` off, all layers are sent after the forward pass, which is
@@ -86,6 +87,9 @@ class PrefillWorker:
         except (codecs.CodecError, KeyError):
             return Failed(req.request_id, f"codec {req.codec!r} is not available on this prefill worker", "bad_request")
         if self.cfg.engine == "vllm":  # inside vLLM's forward pass, its KV connector streams the layers
+            if req.sample_first:
+                return Failed(req.request_id, "this prefill worker (vLLM engine) does not sample first tokens; "
+                                              "turn first_token_from_prefill off or use the torch engine", "bad_request")
             return self.engine.prefill(req, self.sender)
         num_tokens = len(req.token_ids)
         tracker = SendTracker()
@@ -114,7 +118,7 @@ class PrefillWorker:
                 held.append(job)
 
         try:
-            compute_ms = self.engine.prefill(req.token_ids, on_layer)
+            compute_ms, first_token = self.engine.prefill_and_sample(req.token_ids, on_layer, req.sample_first)
         except Exception as e:  # a bad request must not take the worker down
             log.exception("prefill failed")
             abort = frame.FrameHeader(req.request_id, self.info.fingerprint, 0, 0, 0, 0, 0, 0, 0)
@@ -134,6 +138,7 @@ class PrefillWorker:
             bytes_raw=self.info.kv_row_elems * 2 * 2 * self.info.num_layers * num_tokens,
             bytes_wire=bytes_wire,
             device=str(self.engine.device),
+            first_token=first_token,
         )
 
     def generate(self, req: Generate):
@@ -148,7 +153,7 @@ class PrefillWorker:
             "prefill", self.name, __version__, self.info.fingerprint, self.info.name,
             device=str(self.engine.device), cpu_percent=self.proc.cpu_percent(),
             rss_bytes=self.proc.memory_info().rss,
-            extra={"codecs": sorted(ENCODERS), "engine": self.cfg.engine},
+            extra={"codecs": sorted(ENCODERS), "engine": self.cfg.engine, "first_token": self.cfg.engine == "torch"},
         )
 
     def close(self) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: the first output token may come from the prefill worker (FirstToken)
 
 
 class MessageError(ValueError):
@@ -81,7 +81,10 @@ class Sampling:
 class Admit:
     """Reserve a slot for a request. The decode worker tokenizes (llama.cpp is the authority on
     tokens), checks the prompt fits a slot, and answers Admitted with the token ids or Refused.
-    `kv_source`: "remote" waits for KV frames; "local" prefills with llama.cpp itself."""
+    `kv_source`: "remote" waits for KV frames; "local" prefills with llama.cpp itself.
+    `first_token_from_prefill` (remote, greedy): the KV covers every prompt token and the first output
+    token comes in a FirstToken message; otherwise the KV covers all but the last prompt token and
+    this worker's own first step yields the first output token."""
 
     request_id: bytes
     prompt: str | None = None
@@ -90,6 +93,16 @@ class Admit:
     sampling: Sampling = field(default_factory=Sampling)
     kv_source: str = "remote"
     codec: str = "f16"
+    first_token_from_prefill: bool = False
+
+
+@message
+class FirstToken:
+    """The first output token, sampled by the prefill worker: emit it now, decode on from it once
+    the KV has landed."""
+
+    request_id: bytes
+    token_id: int
 
 
 @message
@@ -121,13 +134,15 @@ class Detokenize:
 @message
 class Prefill:
     """Compute the KV of `token_ids` and push it to `kv_addr` (a decode worker), layer by layer
-    when `layer_streaming`, else all layers after the forward pass."""
+    when `layer_streaming`, else all layers after the forward pass. With `sample_first`, also
+    return the greedy next token in PrefillDone.first_token."""
 
     request_id: bytes
     token_ids: list
     kv_addr: str
     codec: str = "f16"
     layer_streaming: bool = True
+    sample_first: bool = False
 
 
 @message
@@ -204,6 +219,7 @@ class PrefillDone:
     bytes_raw: int  # f16 size of the KV
     bytes_wire: int  # payload bytes sent
     device: str = ""
+    first_token: int = -1  # with Prefill.sample_first: the greedy next token
 
 
 @message

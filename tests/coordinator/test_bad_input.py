@@ -82,11 +82,12 @@ def test_lab_config_flags_are_read(tmp_path):
     from homelab_disagg.config import load_lab
 
     cfg = tmp_path / "lab.toml"
-    cfg.write_text("[coordinator]\nprefill_failover = false\nlayer_streaming = false\n")
+    cfg.write_text("[coordinator]\nprefill_failover = false\nlayer_streaming = false\nfirst_token_from_prefill = true\n")
     lab = load_lab(cfg)
-    assert lab.prefill_failover is False and lab.layer_streaming is False
+    assert lab.prefill_failover is False and lab.layer_streaming is False and lab.first_token_from_prefill is True
     cfg.write_text("[coordinator]\n")
-    assert load_lab(cfg).prefill_failover is True and load_lab(cfg).layer_streaming is True
+    lab = load_lab(cfg)
+    assert lab.prefill_failover is True and lab.layer_streaming is True and lab.first_token_from_prefill is False
 
 
 @pytest.mark.slow

@@ -64,6 +64,59 @@ def test_three_architectures_agree_on_an_easy_greedy_continuation(lab):
     assert outs["disaggregated"][0] == outs["colocated-cpu"][0] == outs["colocated-gpu"][0]
 
 
+def test_first_token_from_the_prefill_worker(lab, model_info):
+    """first_token_from_prefill: the torch engine's greedy first token is streamed before the decode
+    worker injects; the KV covers every prompt token; llama.cpp decodes on from that token."""
+    from wire.messages import Sampling
+
+    s = Sampling(max_tokens=6, ignore_eos=True)
+    toks, rec = generate(lab.with_(first_token_from_prefill=True), "disaggregated", prompt="The capital of France is",
+                         sampling=s)
+    assert len(toks) == 6 and rec.finish_reason == "length" and "Paris" in rec.text
+    assert rec.kv_bytes_wire == rec.prompt_tokens * model_info.kv_bytes_per_token_f16  # all prompt tokens
+    assert rec.first_step_ms == 0.0 and rec.inject_ms > 0  # the first token came before any decode step
+    torch_first = generate(lab, "colocated-gpu", prompt="The capital of France is", sampling=Sampling(max_tokens=1))[0]
+    assert toks[0] == torch_first[0]
+    # from there on llama.cpp's own greedy continuation of prompt + that token
+    prompt_ids = asyncio.run(_tokenize(lab, "The capital of France is"))
+    cont = generate(lab, "colocated-cpu", token_ids=prompt_ids + toks[:1], sampling=Sampling(max_tokens=3, ignore_eos=True))[0]
+    assert toks[1:4] == cont
+
+
+def test_first_token_from_the_prefill_worker_that_ends_the_request(lab):
+    from wire.messages import Sampling
+
+    toks, rec = generate(lab.with_(first_token_from_prefill=True), "disaggregated", prompt="The capital of France is",
+                         sampling=Sampling(max_tokens=1))
+    assert len(toks) == 1 and rec.finish_reason == "length"
+    # the slot is free again and the KV frames that came after the request ended were dropped quietly
+    pong = asyncio.run(_pong(lab))
+    assert pong.free_slots == pong.num_slots and pong.extra["bad_frames"] == 0
+
+
+async def _tokenize(lab, text: str) -> list[int]:
+    from coordinator.core import Coordinator
+
+    coord = Coordinator(lab)
+    await coord.start()
+    try:
+        return await coord.tokenize(text)
+    finally:
+        await coord.close()
+
+
+async def _pong(lab):
+    from coordinator.core import Coordinator
+
+    coord = Coordinator(lab)
+    await coord.start()
+    try:
+        await asyncio.sleep(0.5)  # let late KV frames land
+        return await coord.decode[0].ping(5.0)
+    finally:
+        await coord.close()
+
+
 def test_prompt_longer_than_a_slot_is_refused_clearly(lab):
     from homelab_disagg.errors import RequestError
     from wire.messages import Sampling

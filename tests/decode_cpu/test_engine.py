@@ -125,6 +125,54 @@ def test_local_prefill_and_injection_give_the_same_tokens(engine):
     assert tokens(drain(engine)[b"inj"]) == tokens(local)
 
 
+@pytest.mark.parametrize("token_first", [True, False])  # the first token before the KV's last layer, or after
+def test_a_first_token_from_the_prefill_worker_is_streamed_at_once_and_decoded_from(engine, token_first):
+    from wire.messages import Sampling
+
+    ids = ids_of(engine, "The capital of France is")
+    want = greedy_alone(engine, ids, 8)  # llama.cpp alone: its first token, then 7 more
+    seq = engine.admit(b"f", ids, Sampling(max_tokens=8, ignore_eos=True), local_prefill=False, first_from_prefill=True)
+    assert engine.expected_kv_tokens(seq) == len(ids)  # KV of every prompt token
+    now = time.perf_counter()
+    if token_first:
+        first = engine.accept_first_token(seq, want[0])
+        assert first.token_id == want[0] and "Paris" in first.piece and first.finish_reason is None
+        assert not engine.place_ready() and not engine.has_work()  # no KV yet: nothing to run
+        engine.kv_landed(seq, bytearray(own_state(engine, ids)), now, now)
+    else:
+        engine.kv_landed(seq, bytearray(own_state(engine, ids)), now, now)
+        assert not engine.place_ready() and not engine.has_work()  # KV in, no first token yet: it waits
+        first = engine.accept_first_token(seq, want[0])
+    assert engine.accept_first_token(seq, want[0]) is None  # one first token only
+    rest = drain(engine)[b"f"]
+    assert [first.token_id] + tokens(rest) == want
+    assert [o.finish_reason for o in rest] == [None] * 6 + ["length"]
+    assert seq.timings["first_step_ms"] == 0.0 and seq.timings["inject_ms"] > 0
+
+
+def test_a_first_token_that_ends_the_request_frees_the_slot_at_once(engine):
+    from wire.messages import Sampling
+
+    ids = ids_of(engine, "The capital of France is")
+    seq = engine.admit(b"one", ids, Sampling(max_tokens=1), local_prefill=False, first_from_prefill=True)
+    out = engine.accept_first_token(seq, greedy_alone(engine, ids, 1)[0])
+    assert out.finish_reason == "length" and b"one" not in engine.seqs and engine.slots.num_free == SLOTS
+    eos = engine.admit(b"eos", ids, Sampling(max_tokens=8), local_prefill=False, first_from_prefill=True)
+    eog = next(t for t in range(engine.model.n_vocab) if engine.model.is_eog(t))  # SmolLM2: <|endoftext|>, id 0
+    out = engine.accept_first_token(eos, eog)
+    assert out.finish_reason == "stop" and b"eos" not in engine.seqs
+
+
+def test_only_greedy_requests_take_a_first_token_from_the_prefill_worker(engine):
+    from homelab_disagg.errors import RequestError
+    from wire.messages import Sampling
+
+    with pytest.raises(RequestError, match="greedy"):
+        engine.admit(b"t", [1, 2, 3], Sampling(temperature=0.7), local_prefill=False, first_from_prefill=True)
+    seq = engine.admit(b"n", [1, 2, 3], Sampling(), local_prefill=False)
+    assert engine.accept_first_token(seq, 5) is None and seq.output_ids == []  # not admitted for one: ignored
+
+
 def test_sequences_join_the_step_after_injection_and_leave_at_once(engine):
     from wire.messages import Sampling
 

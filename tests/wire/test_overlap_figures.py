@@ -20,11 +20,13 @@ def test_overlap_excess_is_ttft_over_the_prefill_engines_own_ttft():
     runs = {
         "streaming": {"disaggregated": [_dis(320.0, 310.0), _dis(322.0, 311.0), _dis(330.0, 315.0)],
                       "colocated-gpu": [_alone(305.0), _alone(306.0), _alone(304.0)]},
+        "streaming_first": {"disaggregated": [_dis(312.0, 310.0)] * 3, "colocated-gpu": [_alone(303.0)] * 3},
         "whole": {"disaggregated": [_dis(500.0, 490.0)] * 3,
                   "colocated-gpu": [_alone(255.0)] * 3},  # the prefill alone was faster in this run
     }
     f = overlap_figures(runs, layer_transfer_ms=6.3)
-    assert f["overlap_excess_ms"] == pytest.approx(322.0 - 305.0)  # medians
+    assert f["streaming_ttft_excess_ms"] == pytest.approx(322.0 - 305.0)  # medians
+    assert f["overlap_excess_ms"] == pytest.approx(312.0 - 303.0)  # the first token from the prefill worker
     assert f["streaming_kv_ready_excess_ms"] == pytest.approx(311.0 - 1.0 - 300.0 - 2.0)
     assert f["whole_ttft_excess_ms"] == pytest.approx(500.0 - 255.0)
     # paired: (TTFT - own forward pass) disaggregated minus the same alone (the engine's TTFT is its compute)
