@@ -337,20 +337,39 @@ class Coordinator:
                        sample_first: bool):
         """Prefill on `pre`, its KV to `dec`; a first token it sampled goes on to `dec` at once."""
         pre.inflight += 1
+        early = pre.open_stream(rid) if sample_first else None  # the first token, ahead of PrefillDone
         try:
             msg = Prefill(rid, token_ids, kv_addr, self.lab.codec, self.lab.layer_streaming, sample_first)
-            res = await pre.call(rid, msg, timeout_s=self.lab.request_timeout_s)
+            call = asyncio.ensure_future(pre.call(rid, msg, timeout_s=self.lab.request_timeout_s))
+            forwarded = False
+            if early is not None:
+                getter = asyncio.ensure_future(early.get())
+                try:
+                    await asyncio.wait({call, getter}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    if not getter.done():
+                        getter.cancel()
+                if getter.done() and not getter.cancelled() and isinstance(getter.result(), FirstToken):
+                    forwarded = self._forward_first_token(dec, rid, getter.result().token_id)
+            res = await call
         finally:
             pre.inflight -= 1
-        if sample_first and isinstance(res, PrefillDone):
+            if early is not None:
+                pre.close_stream(rid)
+        if sample_first and isinstance(res, PrefillDone) and not forwarded:
             if res.first_token < 0:
                 raise PeerError(f"prefill worker {pre.name} did not sample the first token it was asked for; "
                                 "run the same homelab-disagg version on every box")
-            try:
-                dec.send(FirstToken(rid, res.first_token))
-            except PeerError:
-                pass  # the decode worker is gone: its stream reports it
+            self._forward_first_token(dec, rid, res.first_token)
         return res
+
+    @staticmethod
+    def _forward_first_token(dec: WorkerLink, rid: bytes, token_id: int) -> bool:
+        try:
+            dec.send(FirstToken(rid, token_id))
+        except PeerError:
+            pass  # the decode worker is gone: its stream reports it
+        return True
 
     async def _stream_tokens(self, dec: WorkerLink, stream: asyncio.Queue, prefill_task, rec: RequestRecord,
                              prog: _Progress, t0: float):

@@ -25,7 +25,7 @@ from zmq.utils.monitor import parse_monitor_message
 from homelab_disagg.errors import PeerError
 from wire import messages
 from wire.messages import (
-    Admitted, Detokenized, Failed, Finished, GenerateDone, Pong, PrefillDone, Refused, Tokenized, Tokens,
+    Admitted, Detokenized, Failed, Finished, FirstToken, GenerateDone, Pong, PrefillDone, Refused, Tokenized, Tokens,
 )
 
 log = logging.getLogger("coordinator")
@@ -176,6 +176,10 @@ class WorkerLink:
     def _dispatch(self, msg) -> None:
         if isinstance(msg, Pong):
             self._resolve(PING_KEY, msg)
+        elif isinstance(msg, FirstToken):  # from a prefill worker, ahead of its PrefillDone
+            q = self._streams.get(msg.request_id)
+            if q is not None:
+                q.put_nowait(msg)
         elif isinstance(msg, Tokens):
             for rid, tok, piece in zip(msg.request_ids, msg.token_ids, msg.pieces):
                 q = self._streams.get(rid)

@@ -24,7 +24,7 @@ from prefill_gpu.engine import TorchPrefillEngine
 from prefill_gpu.kv_encode import ENCODERS, to_host
 from prefill_gpu.kv_layout import layer_rows
 from wire import codecs, frame, messages, transport
-from wire.messages import Failed, Generate, GenerateDone, Ping, Pong, Prefill, PrefillDone
+from wire.messages import Failed, FirstToken, Generate, GenerateDone, Ping, Pong, Prefill, PrefillDone
 
 log = logging.getLogger("prefill")
 
@@ -75,11 +75,14 @@ class PrefillWorker:
             if isinstance(msg, Ping):
                 transport.reply(self.control, identity, self.pong())
             elif isinstance(msg, Prefill):
-                transport.reply(self.control, identity, self.prefill(msg))
+                reply = lambda m, identity=identity: transport.reply(self.control, identity, m)  # noqa: E731
+                reply(self.prefill(msg, reply))
             elif isinstance(msg, Generate):
                 transport.reply(self.control, identity, self.generate(msg))
 
-    def prefill(self, req: Prefill):
+    def prefill(self, req: Prefill, reply_early=lambda msg: None):
+        """Forward pass and KV stream; returns PrefillDone (or Failed) once every layer is handed to the
+        socket. A first token asked for goes out through `reply_early` as soon as it is known."""
         t_start = time.perf_counter()
         try:
             codec = codecs.get_codec(req.codec)
@@ -124,6 +127,8 @@ class PrefillWorker:
             abort = frame.FrameHeader(req.request_id, self.info.fingerprint, 0, 0, 0, 0, 0, 0, 0)
             self.sender.submit(transport.LayerJob(req.kv_addr, abort, abort=True))
             return Failed(req.request_id, f"prefill failed: {type(e).__name__}: {e}", "prefill_error")
+        if req.sample_first:  # before the last layers have drained to a slow link
+            reply_early(FirstToken(req.request_id, first_token))
         for job in held:
             self.sender.submit(job)
         self.sender.flush()

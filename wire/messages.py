@@ -98,8 +98,9 @@ class Admit:
 
 @message
 class FirstToken:
-    """The first output token, sampled by the prefill worker: emit it now, decode on from it once
-    the KV has landed."""
+    """The first output token, sampled by the prefill worker. Prefill worker -> coordinator right
+    after the forward pass (before its KV is all sent), then coordinator -> decode worker: emit it
+    now, decode on from it once the KV has landed."""
 
     request_id: bytes
     token_id: int
