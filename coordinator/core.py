@@ -350,7 +350,8 @@ class Coordinator:
                     if not getter.done():
                         getter.cancel()
                 if getter.done() and not getter.cancelled() and isinstance(getter.result(), FirstToken):
-                    forwarded = self._forward_first_token(dec, rid, getter.result().token_id)
+                    _pass_first_token(dec, rid, getter.result().token_id)
+                    forwarded = True
             res = await call
         finally:
             pre.inflight -= 1
@@ -360,16 +361,8 @@ class Coordinator:
             if res.first_token < 0:
                 raise PeerError(f"prefill worker {pre.name} did not sample the first token it was asked for; "
                                 "run the same homelab-disagg version on every box")
-            self._forward_first_token(dec, rid, res.first_token)
+            _pass_first_token(dec, rid, res.first_token)
         return res
-
-    @staticmethod
-    def _forward_first_token(dec: WorkerLink, rid: bytes, token_id: int) -> bool:
-        try:
-            dec.send(FirstToken(rid, token_id))
-        except PeerError:
-            pass  # the decode worker is gone: its stream reports it
-        return True
 
     async def _stream_tokens(self, dec: WorkerLink, stream: asyncio.Queue, prefill_task, rec: RequestRecord,
                              prog: _Progress, t0: float):
@@ -504,3 +497,10 @@ def _stop_cut(text: str, piece: str, stops: tuple[str, ...]) -> str | None:
 def _samples_first(pre: WorkerLink) -> bool:
     """Whether the prefill worker says (in its last Pong) that it can sample a first token."""
     return bool(pre.last_pong is not None and pre.last_pong.extra.get("first_token"))
+
+
+def _pass_first_token(dec: WorkerLink, rid: bytes, token_id: int) -> None:
+    try:
+        dec.send(FirstToken(rid, token_id))
+    except PeerError:
+        pass  # the decode worker is gone: its stream reports it
