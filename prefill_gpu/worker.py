@@ -1,8 +1,7 @@
 """The prefill worker process: takes Prefill requests, streams each layer's KV to a decode worker.
 
-    request -> forward pass, per layer: cache tensors -> sender thread: rows -> encode (on device)
-            -> D2H -> PUSH
-            [-> the greedy next token, when asked: FirstToken at once, and in PrefillDone]
+    request -> forward pass, per layer: rows -> encode (on device) -> D2H -> sender thread -> PUSH
+            [-> the greedy next token, when asked: PrefillDone.first_token]
 
 The forward pass never waits for the network unless the sender's bounded queue is full
 (backpressure); with `layer_streaming` off, all layers are sent after the forward pass, which is
@@ -16,7 +15,6 @@ import threading
 import time
 
 import psutil
-import torch
 import zmq
 
 from homelab_disagg import __version__
@@ -39,13 +37,6 @@ class SendTracker:
         self.first_s = 0.0
         self.last_s = 0.0
         self.error: str | None = None
-        self.encode_s = 0.0  # codec + device-to-host, summed over layers
-        self.bytes_wire = 0
-
-    def on_encoded(self, seconds: float, nbytes: int) -> None:
-        with self.lock:
-            self.encode_s += seconds
-            self.bytes_wire += nbytes
 
     def on_sent(self, t: float, err: Exception | None) -> None:
         with self.lock:
@@ -106,25 +97,24 @@ class PrefillWorker:
         num_tokens = len(req.token_ids)
         tracker = SendTracker()
         held: list[transport.LayerJob] = []
-
-        def encoded(k, v):
-            """On the sender thread: one layer's cache tensors -> host payloads (the forward pass goes on)."""
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                k_rows, v_rows = layer_rows(k, v, num_tokens, self.info.rope_layout)  # each [T, H_kv*D]
-                k_host, _ = to_host(encode(k_rows, "k", self.info.head_dim))
-                v_host, v_ready = to_host(encode(v_rows, "v", self.info.head_dim))
-                if v_ready is not None:
-                    v_ready.synchronize()
-            tracker.on_encoded(time.perf_counter() - t0, k_host.nbytes + v_host.nbytes)
-            return k_host.numpy().data, v_host.numpy().data
+        encode_s, bytes_wire = 0.0, 0
 
         def on_layer(i, k, v):
+            nonlocal encode_s, bytes_wire
+            t0 = time.perf_counter()
+            k_rows, v_rows = layer_rows(k, v, num_tokens, self.info.rope_layout)  # each [T, H_kv*D]
+            k_host, k_ready = to_host(encode(k_rows, "k", self.info.head_dim))
+            v_host, v_ready = to_host(encode(v_rows, "v", self.info.head_dim))
+            bytes_wire += k_host.nbytes + v_host.nbytes
             header = frame.FrameHeader(
                 req.request_id, self.info.fingerprint, codec.codec_id, i, self.info.num_layers,
                 num_tokens, self.info.kv_row_elems, 0, 0,
             )
-            job = transport.LayerJob(req.kv_addr, header, prepare=lambda: encoded(k, v), on_sent=tracker.on_sent)
+            job = transport.LayerJob(
+                req.kv_addr, header, k_host.numpy().data, v_host.numpy().data,
+                ready=(v_ready.synchronize if v_ready is not None else None), on_sent=tracker.on_sent,
+            )
+            encode_s += time.perf_counter() - t0
             if req.layer_streaming:
                 self.sender.submit(job)
             else:
@@ -146,12 +136,12 @@ class PrefillWorker:
             return Failed(req.request_id, f"could not send KV to {req.kv_addr}: {tracker.error}", "kv_send")
         return PrefillDone(
             req.request_id, num_tokens,
-            compute_ms=compute_ms,
-            encode_ms=tracker.encode_s * 1e3,
+            compute_ms=compute_ms - (encode_s * 1e3 if req.layer_streaming else 0.0),
+            encode_ms=encode_s * 1e3,
             send_ms=(tracker.last_s - tracker.first_s) * 1e3,
             total_ms=(tracker.last_s - t_start) * 1e3,
             bytes_raw=self.info.kv_row_elems * 2 * 2 * self.info.num_layers * num_tokens,
-            bytes_wire=tracker.bytes_wire,
+            bytes_wire=bytes_wire,
             device=str(self.engine.device),
             first_token=first_token,
         )

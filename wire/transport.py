@@ -51,16 +51,13 @@ def reply(sock: zmq.Socket, identity: bytes, msg) -> None:
 
 @dataclass
 class LayerJob:
-    """One layer to send. `prepare`, if given, runs on the sender thread first and returns the
-    (K, V) payloads: the encode then stays off the producer's (the forward pass's) thread. `ready`
-    blocks until the host buffers hold the data (a CUDA event). `abort` sends an abort frame for
-    header.request_id instead (the decode side frees the slot)."""
+    """One layer to send. `ready` blocks until the host buffers hold the data (a CUDA event).
+    `abort` sends an abort frame for header.request_id instead (the decode side frees the slot)."""
 
     addr: str
     header: frame.FrameHeader
     k_payload: object = b""
     v_payload: object = b""
-    prepare: Callable[[], tuple[object, object]] | None = None
     ready: Callable[[], None] | None = None
     on_sent: Callable[[float, Exception | None], None] | None = None  # hand-over time or error
     abort: bool = False
@@ -118,8 +115,6 @@ class KvSender:
             try:
                 if rid in self._failed:
                     raise self._failed[rid]
-                if job.prepare is not None:
-                    job.k_payload, job.v_payload = job.prepare()
                 if job.ready is not None:
                     job.ready()
                 if job.abort:
