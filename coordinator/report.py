@@ -25,7 +25,8 @@ def run_and_collect(lab: LabConfig, items, archs, concurrency: int, console: Con
             pre = coord.prefill[0].last_pong if coord.prefill else None
             meta = run_metadata({
                 "model": pong.model_name, "fingerprint": pong.fingerprint.hex(), "codec": lab.codec,
-                "layer_streaming": lab.layer_streaming, "prefill_device": pre.device if pre else "",
+                "layer_streaming": lab.layer_streaming, "first_token_from_prefill": lab.first_token_from_prefill,
+                "prefill_device": pre.device if pre else "",
                 "concurrency": concurrency,
             })
             results: dict[str, ArchResult] = {}
@@ -78,7 +79,8 @@ def anatomy_table(r: ArchResult) -> Table:
                   f"{rec.prefill_compute_ms:.1f}", f"{rec.encode_ms:.1f}", f"{rec.wire_exposed_ms:.1f}",
                   f"{rec.inject_ms:.1f}", f"{rec.first_step_ms:.1f}", f"{rec.tpot_ms:.1f}", f"{tok_s:.1f}",
                   f"{rec.kv_bytes_wire / 1e6:.2f}", f"{rec.kv_gbps:.2f}")
-    t.caption = "wire* = TTFT minus every other stage: what the KV transfer added after overlapping with compute"
+    t.caption = ("wire* = TTFT minus every other stage on its path: what the KV transfer added after overlapping "
+                 "with compute (a first token from the prefill worker comes before the inject: 1st step 0)")
     return t
 
 
