@@ -129,6 +129,8 @@ def serve(
     prefill_threads: Annotated[int, typer.Option(help="Local prefill worker's torch threads (0: its share of this box's CPUs).")] = 0,
     decode_threads: Annotated[int, typer.Option(help="Local decode workers' llama.cpp threads (0: their share of this box's CPUs).")] = 0,
     codec: Annotated[Optional[str], typer.Option(help="KV codec on the wire. Default: the lab's (f16).")] = None,
+    first_token_from_prefill: Annotated[Optional[bool], typer.Option(
+        help="Greedy requests: the prefill worker picks the first token. Default: the lab's (off).")] = None,
     log_level: Annotated[str, typer.Option(help="HTTP server log level.")] = "warning",
 ) -> None:
     """OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics).
@@ -167,7 +169,8 @@ def serve(
             with console.status("starting worker processes on this machine (first start converts the GGUF once)"):
                 lab = local.start(with_prefill=with_prefill)
         changes = {k: v for k, v in (("architecture", architecture), ("http_host", host), ("http_port", port),
-                                     ("codec", codec)) if v is not None}
+                                     ("codec", codec), ("first_token_from_prefill", first_token_from_prefill))
+                   if v is not None}
         lab = lab.with_(**changes)
         opts = ServeOptions(lab.http_host, lab.http_port, served_model_name, records, log_level)
 

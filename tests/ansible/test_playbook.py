@@ -277,6 +277,7 @@ def test_lab_toml_lists_every_worker(converge: Converge) -> None:
     assert lab["coordinator"] == {
         "architecture": "disaggregated",
         "codec": "f16",
+        "first_token_from_prefill": False,
         "http_host": "0.0.0.0",
         "http_port": 8000,
     }
@@ -297,6 +298,7 @@ def test_lab_toml_loads_as_the_coordinator_reads_it(converge: Converge) -> None:
     assert lab.model_path == converge.model_path
     assert [ep.control_addr for ep in lab.prefill] == [f"tcp://127.0.0.1:{PREFILL_PORT}"]
     assert [ep.kv_addr for ep in lab.decode] == ["tcp://127.0.0.1:5561", "tcp://127.0.0.1:5563"]
+    assert lab.first_token_from_prefill is False
 
 
 def test_wrong_model_checksum_fails_with_a_clear_message(tmp_path: Path) -> None:
