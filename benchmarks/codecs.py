@@ -132,18 +132,20 @@ def measure(model_path: Path, num_prompts: int, repeats: int, progress=lambda: N
                 own[f"llama own {t}"].append(compare(ref, judges["deployed", t].reference(ids, split), targets))
             rows = torch_layer_rows(engine, info, ids[: split - 1])
             num_cells += split - 1
+            states = {}  # name -> (cache type, state buffer): encoded and decoded once, injected into both judges
+            n_stream = judges["deployed", "f16"].ctx.n_stream  # every judge has the same context shape
+            for codec, cache_type, name, layer_rows in [(c, t, config_name(c, t), rows) for c, t in CONFIGS] + [
+                    ("f16", "f16", PROBE, nudge_keys(rows))]:
+                state, nbytes = codec_state(layer_rows, info, n_stream, cache_type, codec)
+                states[name] = cache_type, state
+                wire_bytes[name] += nbytes
             for weights in ("float", "deployed"):
-                injected = {}  # name -> [positions, vocab] logits after injecting that codec's KV
-                for codec, cache_type, name, layer_rows in [(c, t, config_name(c, t), rows) for c, t in CONFIGS] + [
-                        ("f16", "f16", PROBE, nudge_keys(rows))]:
-                    judge = judges[weights, cache_type]
-                    state, nbytes = codec_state(layer_rows, info, judge.ctx.n_stream, cache_type, codec)
-                    injected[name] = judge.after_injection(ids, split, state)
-                    if weights == "deployed":
-                        vs_llama[name].append(compare(ref, injected[name], targets))
-                        wire_bytes[name] += nbytes
+                # name -> [positions, vocab] logits after injecting that codec's KV
+                injected = {name: judges[weights, t].after_injection(ids, split, state) for name, (t, state) in states.items()}
                 for name, logits in injected.items():
                     vs_f16[weights, name].append(compare(injected["f16"], logits, targets))
+                    if weights == "deployed":
+                        vs_llama[name].append(compare(ref, logits, targets))
             if longest_rows is None or rows[0][0].shape[0] > longest_rows[0][0].shape[0]:
                 longest_rows = rows
             progress()

@@ -335,13 +335,14 @@ class Coordinator:
 
     async def _prefill(self, pre: WorkerLink, dec: WorkerLink, rid: bytes, token_ids: list, kv_addr: str,
                        sample_first: bool):
-        """Prefill on `pre`, its KV to `dec`; a first token it sampled goes on to `dec` at once."""
+        """Prefill on `pre`, its KV to `dec`. With `sample_first`, the worker's FirstToken comes right
+        after its forward pass, ahead of PrefillDone (which waits for the KV to drain to the link), and
+        goes on to `dec` at once."""
         pre.inflight += 1
-        early = pre.open_stream(rid) if sample_first else None  # the first token, ahead of PrefillDone
+        early = pre.open_stream(rid) if sample_first else None
         try:
             msg = Prefill(rid, token_ids, kv_addr, self.lab.codec, self.lab.layer_streaming, sample_first)
             call = asyncio.ensure_future(pre.call(rid, msg, timeout_s=self.lab.request_timeout_s))
-            forwarded = False
             if early is not None:
                 getter = asyncio.ensure_future(early.get())
                 try:
@@ -349,20 +350,20 @@ class Coordinator:
                 finally:
                     if not getter.done():
                         getter.cancel()
-                if getter.done() and not getter.cancelled() and isinstance(getter.result(), FirstToken):
-                    _pass_first_token(dec, rid, getter.result().token_id)
-                    forwarded = True
-            res = await call
+                first = getter.result() if getter.done() and not getter.cancelled() else None
+                if isinstance(first, FirstToken):
+                    try:
+                        dec.send(first)
+                    except PeerError:
+                        pass  # the decode worker is gone: its stream reports it
+                elif isinstance(await call, PrefillDone):  # done without the token it was asked for
+                    raise PeerError(f"prefill worker {pre.name} did not send the first token it was asked for; "
+                                    "run the same homelab-disagg version on every box")
+            return await call
         finally:
             pre.inflight -= 1
             if early is not None:
                 pre.close_stream(rid)
-        if sample_first and isinstance(res, PrefillDone) and not forwarded:
-            if res.first_token < 0:
-                raise PeerError(f"prefill worker {pre.name} did not sample the first token it was asked for; "
-                                "run the same homelab-disagg version on every box")
-            _pass_first_token(dec, rid, res.first_token)
-        return res
 
     async def _stream_tokens(self, dec: WorkerLink, stream: asyncio.Queue, prefill_task, rec: RequestRecord,
                              prog: _Progress, t0: float):
@@ -497,10 +498,3 @@ def _stop_cut(text: str, piece: str, stops: tuple[str, ...]) -> str | None:
 def _samples_first(pre: WorkerLink) -> bool:
     """Whether the prefill worker says (in its last Pong) that it can sample a first token."""
     return bool(pre.last_pong is not None and pre.last_pong.extra.get("first_token"))
-
-
-def _pass_first_token(dec: WorkerLink, rid: bytes, token_id: int) -> None:
-    try:
-        dec.send(FirstToken(rid, token_id))
-    except PeerError:
-        pass  # the decode worker is gone: its stream reports it

@@ -123,18 +123,18 @@ def test_codecs_injected_quality_on_the_real_model(judge, quant_judges, float_ju
         ref, targets = judge.reference(ids, split), np.array(ids[split:])
         rows = torch_layer_rows(torch_engine, model_info, ids[: split - 1])
         cells += split - 1
+        states = {}  # each config's state buffer, made once and injected into both judges
+        for (codec, cache_type), layer_rows in [(cfg, rows) for cfg in configs] + [(probe, nudge_keys(rows))]:
+            states[codec, cache_type], nbytes = codec_state(layer_rows, model_info, judge.ctx.n_stream, cache_type,
+                                                            "f16" if codec == probe[0] else codec)
+            if (codec, cache_type) in wire_bytes:
+                wire_bytes[codec, cache_type] += nbytes
         for weights, judges in (("float", float_judges), ("deployed", deployed)):
-            injected = {}
-            for (codec, cache_type), layer_rows in [(cfg, rows) for cfg in configs] + [(probe, nudge_keys(rows))]:
-                j = judges[cache_type]
-                state, nbytes = codec_state(layer_rows, model_info, j.ctx.n_stream, cache_type,
-                                            "f16" if codec == probe[0] else codec)
-                injected[codec, cache_type] = j.after_injection(ids, split, state)
-                if weights == "deployed" and (codec, cache_type) in vs_llama:
-                    vs_llama[codec, cache_type].append(compare(ref, injected[codec, cache_type], targets))
-                    wire_bytes[codec, cache_type] += nbytes
+            injected = {cfg: judges[cfg[1]].after_injection(ids, split, state) for cfg, state in states.items()}
             for cfg, logits in injected.items():
                 vs_f16[weights, cfg].append(compare(injected["f16", "f16"], logits, targets))
+                if weights == "deployed" and cfg in vs_llama:
+                    vs_llama[cfg].append(compare(ref, logits, targets))
     ratio = {cfg: model_info.kv_bytes_per_token_f16 * cells / wire_bytes[cfg] for cfg in configs}
     e2e = {cfg: pool(r) for cfg, r in vs_llama.items()}
     alone = {key: pool(r) for key, r in vs_f16.items()}

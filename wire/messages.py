@@ -136,7 +136,8 @@ class Detokenize:
 class Prefill:
     """Compute the KV of `token_ids` and push it to `kv_addr` (a decode worker), layer by layer
     when `layer_streaming`, else all layers after the forward pass. With `sample_first`, also
-    return the greedy next token in PrefillDone.first_token."""
+    send the greedy next token as a FirstToken right after the forward pass (and record it in
+    PrefillDone.first_token)."""
 
     request_id: bytes
     token_ids: list
@@ -220,7 +221,7 @@ class PrefillDone:
     bytes_raw: int  # f16 size of the KV
     bytes_wire: int  # payload bytes sent
     device: str = ""
-    first_token: int = -1  # with Prefill.sample_first: the greedy next token
+    first_token: int = -1  # with Prefill.sample_first: the greedy next token (already sent as FirstToken)
 
 
 @message
