@@ -31,19 +31,21 @@ def encode_f16(rows: torch.Tensor, role: str = "k", head_dim: int = 0) -> torch.
 def _fwht(x: torch.Tensor, n: int) -> torch.Tensor:
     """[T, C] -> float32 [T*C/n, n] with H_n applied to each run of n elements: scale first, then
     butterflies of stride 1, 2, 4, ... (ggml's CPU arithmetic, as wire.codecs._fwht). The runs are
-    transposed to [n, R] for the butterflies, so each step is one op over long rows."""
-    runs = (x.reshape(-1, n).float() * float(np.float32(1) / np.sqrt(np.float32(n)))).T.contiguous()  # [n, R]
+    transposed to [n, R] for the butterflies, so each step is two ops over long rows, ping-ponging
+    between two buffers (on a GPU these encoders are bound by kernel launches, not bandwidth)."""
+    runs = x.reshape(-1, n).T.float()  # [n, R] view (a copy only for half-precision input)
     r = runs.shape[1]
-    diff = torch.empty((n // 2, r), dtype=torch.float32, device=x.device)
+    a = torch.empty((n, r), dtype=torch.float32, device=x.device)
+    torch.mul(runs, float(np.float32(1) / np.sqrt(np.float32(n))), out=a)
+    b = torch.empty_like(a)
     h = 1
     while h < n:
-        pairs = runs.view(n // (2 * h), 2, h * r)  # [pairs, (u, v), h*R]
-        u, v, d = pairs[:, 0], pairs[:, 1], diff.view(n // (2 * h), h * r)
-        torch.sub(u, v, out=d)
-        u.add_(v)
-        v.copy_(d)
+        src, dst = a.view(n // (2 * h), 2, h * r), b.view(n // (2 * h), 2, h * r)  # [pairs, (u, v), h*R]
+        torch.add(src[:, 0], src[:, 1], out=dst[:, 0])
+        torch.sub(src[:, 0], src[:, 1], out=dst[:, 1])
+        a, b = b, a
         h *= 2
-    return runs.T.contiguous()
+    return a.T.contiguous()
 
 
 def _blocks(rows: torch.Tensor, role: str, head_dim: int) -> torch.Tensor:
@@ -69,13 +71,18 @@ def encode_q8_0(rows: torch.Tensor, role: str, head_dim: int) -> torch.Tensor:
 
 
 def encode_q4_0(rows: torch.Tensor, role: str, head_dim: int) -> torch.Tensor:
-    b = _blocks(rows, role, head_dim)
+    b = _blocks(rows, role, head_dim)  # [nb, 32]
     first = b.gather(1, b.abs().argmax(dim=1, keepdim=True))[:, 0]  # the first element of largest magnitude
-    m = torch.where(b.abs().amax(dim=1) == 0, torch.zeros_like(first), first)  # all zero: d = -0.0, as in C
-    d = _div(m, -8.0, m)
-    inv = torch.where(d != 0, _div(1.0, d, d), torch.zeros_like(d))
-    q = (b * inv[:, None] + 8.5).to(torch.int8).clamp_max(15).to(torch.uint8)  # C's (int8_t) truncates
-    return _with_scale(d, q[:, :16] | (q[:, 16:] << 4))
+    # d = m / -8, as a product: exact either way for a power of two. `+ 0.0` turns the -0.0 of an
+    # all-zero block into +0.0, so d = -0.0 there, as in C.
+    d = (first + 0.0) * -0.125
+    inv = torch.where(d != 0, d.reciprocal(), 0.0)  # reciprocal is IEEE 1/d on CPU and CUDA
+    # C's (int8_t) truncates; x/d + 8.5 lies in [0.5, 16.5], where truncating to uint8 is the same
+    q = (b * inv[:, None] + 8.5).to(torch.uint8).clamp_max_(15)
+    out = torch.empty((b.shape[0], 18), dtype=torch.uint8, device=b.device)  # f16 d, then 16 bytes of nibbles
+    out[:, :2].view(torch.float16).copy_(d[:, None])
+    torch.add(q[:, :16], q[:, 16:], alpha=16, out=out[:, 2:])  # q[j] | q[j+16] << 4: each nibble < 16
+    return out.view(-1)
 
 
 def _kivi_groups(g: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -115,6 +122,9 @@ def encode_f16_bp_zstd(rows: torch.Tensor, role: str = "k", head_dim: int = 0) -
     payload = lossless.encode_bp_zstd(host.numpy())
     return torch.frombuffer(bytearray(payload), dtype=torch.uint8) if len(payload) else torch.empty(0, dtype=torch.uint8)
 
+
+# encoded on the host, to a size known only afterwards (the others: on the prefill device, fixed size)
+HOST_ENCODED = {"f16+bp-zstd"}
 
 ENCODERS = {
     "f16": encode_f16,

@@ -24,13 +24,22 @@ def norm_to_neox(k: torch.Tensor) -> torch.Tensor:
     return k.unflatten(-1, (d // 2, 2)).transpose(-1, -2).flatten(-2)
 
 
-def to_rows(x: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """[1, H_kv, T, D] (first `num_tokens` of T) -> [num_tokens, H_kv * D] contiguous: one row per token."""
-    return x[0, :, :num_tokens, :].transpose(0, 1).reshape(num_tokens, -1).contiguous()
+def token_major(x: torch.Tensor, num_tokens: int, rope_layout: str = "neox") -> torch.Tensor:
+    """[1, H_kv, T, D] (first `num_tokens` of T) -> a view whose row-major order is llama.cpp's rows:
+    [num_tokens, H_kv, D], or [num_tokens, H_kv, D/2, 2] with keys re-paired when rope_layout is "norm".
+    No copy: a copy_ into a contiguous tensor of this shape writes the rows in one op."""
+    x = x[0, :, :num_tokens, :]  # [H, T, D]
+    if rope_layout == "norm":
+        d = x.shape[-1]
+        return x.unflatten(-1, (2, d // 2)).permute(1, 0, 3, 2)  # [T, H, D/2, 2]: k_llama[2i + j] = k_hf[j*D/2 + i]
+    return x.transpose(0, 1)  # [T, H, D]
+
+
+def to_rows(x: torch.Tensor, num_tokens: int, rope_layout: str = "neox") -> torch.Tensor:
+    """[1, H_kv, T, D] -> [num_tokens, H_kv * D] contiguous: one row per token."""
+    return token_major(x, num_tokens, rope_layout).reshape(num_tokens, -1).contiguous()
 
 
 def layer_rows(k: torch.Tensor, v: torch.Tensor, num_tokens: int, rope_layout: str):
     """One layer's cache tensors -> (K rows, V rows), each [num_tokens, H_kv * D], in llama.cpp's order."""
-    if rope_layout == "norm":
-        k = neox_to_norm(k)
-    return to_rows(k, num_tokens), to_rows(v, num_tokens)
+    return to_rows(k, num_tokens, rope_layout), to_rows(v, num_tokens)

@@ -1,6 +1,7 @@
 """The prefill worker process: takes Prefill requests, streams each layer's KV to a decode worker.
 
-    request -> forward pass, per layer: rows -> encode (on device) -> D2H -> sender thread -> PUSH
+    request -> forward pass, per layer: encode (on device) -> D2H into the request's host buffer
+                                        -> sender thread -> PUSH
             [-> the greedy next token, when asked: PrefillDone.first_token]
 
 The forward pass never waits for the network unless the sender's bounded queue is full
@@ -21,8 +22,8 @@ from homelab_disagg import __version__
 from homelab_disagg.config import Env, PrefillWorkerConfig
 from homelab_disagg.model import read_model_info
 from prefill_gpu.engine import TorchPrefillEngine
-from prefill_gpu.kv_encode import ENCODERS, to_host
-from prefill_gpu.kv_layout import layer_rows
+from prefill_gpu.kv_encode import ENCODERS
+from prefill_gpu.kv_stage import KvStaging
 from wire import codecs, frame, messages, transport
 from wire.messages import Failed, FirstToken, Generate, GenerateDone, Ping, Pong, Prefill, PrefillDone
 
@@ -57,6 +58,7 @@ class PrefillWorker:
             self.engine = VllmPrefillEngine(cfg, self.info, env)
         else:
             self.engine = TorchPrefillEngine(cfg, self.info, env)
+            self.staging = KvStaging(self.info, self.engine.device)
         self.zctx = zmq.Context()
         self.control = transport.bind_router(self.zctx, cfg.control_addr)
         self.sender = transport.KvSender(self.zctx)
@@ -84,11 +86,9 @@ class PrefillWorker:
         """Forward pass and KV stream; returns PrefillDone (or Failed) once every layer is handed to the
         socket. A first token asked for goes out through `reply_early` as soon as it is known."""
         t_start = time.perf_counter()
-        try:
-            codec = codecs.get_codec(req.codec)
-            encode = ENCODERS[req.codec]
-        except (codecs.CodecError, KeyError):
+        if req.codec not in ENCODERS:  # every encoder's codec is registered on the wire
             return Failed(req.request_id, f"codec {req.codec!r} is not available on this prefill worker", "bad_request")
+        codec = codecs.get_codec(req.codec)
         if self.cfg.engine == "vllm":  # inside vLLM's forward pass, its KV connector streams the layers
             if req.sample_first:
                 return Failed(req.request_id, "this prefill worker (vLLM engine) does not sample first tokens; "
@@ -98,22 +98,18 @@ class PrefillWorker:
         tracker = SendTracker()
         held: list[transport.LayerJob] = []
         encode_s, bytes_wire = 0.0, 0
+        self.staging.begin(req.codec, num_tokens)
 
         def on_layer(i, k, v):
             nonlocal encode_s, bytes_wire
             t0 = time.perf_counter()
-            k_rows, v_rows = layer_rows(k, v, num_tokens, self.info.rope_layout)  # each [T, H_kv*D]
-            k_host, k_ready = to_host(encode(k_rows, "k", self.info.head_dim))
-            v_host, v_ready = to_host(encode(v_rows, "v", self.info.head_dim))
-            bytes_wire += k_host.nbytes + v_host.nbytes
+            k_payload, v_payload, ready = self.staging.stage(i, k, v)
+            bytes_wire += k_payload.nbytes + v_payload.nbytes
             header = frame.FrameHeader(
                 req.request_id, self.info.fingerprint, codec.codec_id, i, self.info.num_layers,
                 num_tokens, self.info.kv_row_elems, 0, 0,
             )
-            job = transport.LayerJob(
-                req.kv_addr, header, k_host.numpy().data, v_host.numpy().data,
-                ready=(v_ready.synchronize if v_ready is not None else None), on_sent=tracker.on_sent,
-            )
+            job = transport.LayerJob(req.kv_addr, header, k_payload, v_payload, ready=ready, on_sent=tracker.on_sent)
             encode_s += time.perf_counter() - t0
             if req.layer_streaming:
                 self.sender.submit(job)

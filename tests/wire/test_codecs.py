@@ -446,3 +446,24 @@ def test_torch_encoders_match_the_numpy_reference(x, role, name, head_dim):
         for rows in (torch.from_numpy(x), torch.from_numpy(x).half()):  # CPU engines give float32, CUDA float16
             got = ENCODERS[name](rows.to(device), role, head_dim).cpu().numpy().tobytes()
             assert got == encode(name, x, role, head_dim), device
+
+
+@pytest.mark.skipif(not _HAS_TORCH, reason="torch is not installed (the `prefill` extra)")
+@pytest.mark.parametrize("name", ["q8_0", "q4_0", "kivi4"])
+@pytest.mark.parametrize("role", ["k", "v"])
+def test_torch_encoders_match_the_reference_on_edge_blocks(name, role):
+    """Blocks the random rows rarely hit: all +0.0, all -0.0, a basis vector (flat after the rotation:
+    every element ties in magnitude, so the first must win) and its negation."""
+    import torch
+
+    from prefill_gpu.kv_encode import ENCODERS
+
+    x = np.zeros((5, 128), dtype=F32)
+    x[1] = -0.0
+    x[2, 0] = x[2, 64] = 1.0
+    x[3, 0] = x[3, 65] = -3.0
+    x[4] = np.linspace(-2, 2, 128, dtype=F32)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        got = ENCODERS[name](torch.from_numpy(x).to(device), role, 64).cpu().numpy().tobytes()
+        assert got == encode(name, x, role, 64), device

@@ -9,7 +9,7 @@ from benchmarks.wire import overlap_figures
 
 def _dis(ttft_ms, kv_wait_ms):
     return {"ttft_ms": ttft_ms, "kv_wait_ms": kv_wait_ms, "admit_ms": 1.0, "prefill_compute_ms": 300.0,
-            "encode_ms": 2.0, "inject_ms": 1.5, "first_step_ms": 4.0, "prompt_tokens": 1025}
+            "encode_ms": 2.0, "inject_ms": 1.5, "first_step_ms": 4.0, "prompt_tokens": 1024}
 
 
 def _alone(ttft_ms):
@@ -32,3 +32,13 @@ def test_overlap_excess_is_ttft_over_the_prefill_engines_own_ttft():
     # paired: (TTFT - own forward pass) disaggregated minus the same alone (the engine's TTFT is its compute)
     assert f["streaming_ttft_excess_paired_ms"] == pytest.approx(322.0 - 300.0 - 1.0)
     assert f["layer_transfer_ms"] == 6.3 and f["prompt_tokens"] == 1024
+    # the human table: one row per figure, the modes side by side, the bound in the title
+    from rich.console import Console
+
+    from benchmarks.wire import overlap_table
+
+    console = Console(width=200, record=True)
+    console.print(overlap_table(f))
+    text = console.export_text()
+    assert "1024-token prompt" in text and "6.30 + 5 = 11.30" in text
+    assert "ttft_excess_ms" in text and "no streaming" in text and "245.0" in text

@@ -1,0 +1,46 @@
+"""KvStaging writes exactly the payloads of the per-tensor path (layer rows -> encoder), every codec."""
+
+import numpy as np
+import pytest
+import torch
+
+from prefill_gpu.kv_encode import ENCODERS
+from prefill_gpu.kv_layout import layer_rows
+from prefill_gpu.kv_stage import KvStaging
+
+
+@pytest.mark.parametrize("codec", sorted(ENCODERS))
+def test_staged_payloads_equal_the_encoders_own(model_info, codec):
+    h, d = model_info.num_kv_heads, model_info.head_dim
+    num_tokens = 45  # not a multiple of 32: KIVI's last key group is a ragged one
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        staging = KvStaging(model_info, torch.device(device))
+        gen = torch.Generator().manual_seed(0)
+        for dtype in (torch.float32, torch.float16):
+            staging.begin(codec, num_tokens)
+            for i in range(3):
+                # a cache longer than the prompt, as transformers' may be
+                k, v = (torch.randn(1, h, num_tokens + 3, d, generator=gen).to(dtype).to(device) for _ in range(2))
+                k_pay, v_pay, ready = staging.stage(i, k, v)
+                if ready is not None:
+                    ready()
+                k_rows, v_rows = layer_rows(k, v, num_tokens, model_info.rope_layout)
+                want_k = ENCODERS[codec](k_rows, "k", d).cpu().contiguous().view(torch.uint8).numpy().ravel()
+                want_v = ENCODERS[codec](v_rows, "v", d).cpu().contiguous().view(torch.uint8).numpy().ravel()
+                assert np.array_equal(np.frombuffer(k_pay, np.uint8), want_k), (device, dtype, i, "k")
+                assert np.array_equal(np.frombuffer(v_pay, np.uint8), want_v), (device, dtype, i, "v")
+
+
+def test_keys_are_re_paired_for_llama_rope(model_info):
+    """The staged f16 keys are llama.cpp's interleaved-pair order: element 2i+j of a head is hf's j*D/2+i."""
+    assert model_info.rope_layout == "norm"
+    h, d, t = model_info.num_kv_heads, model_info.head_dim, 4
+    k = torch.arange(h * t * d, dtype=torch.float32).reshape(1, h, t, d)
+    staging = KvStaging(model_info, torch.device("cpu"))
+    staging.begin("f16", t)
+    k_pay, _, _ = staging.stage(0, k, k)
+    got = np.frombuffer(k_pay, np.float16).reshape(t, h, d)
+    for i in range(d // 2):
+        for j in (0, 1):
+            assert got[1, 2, 2 * i + j] == k[0, 2, 1, j * d // 2 + i].item()
