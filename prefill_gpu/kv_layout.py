@@ -25,14 +25,14 @@ def norm_to_neox(k: torch.Tensor) -> torch.Tensor:
 
 
 def token_major(x: torch.Tensor, num_tokens: int, rope_layout: str = "neox") -> torch.Tensor:
-    """[1, H_kv, T, D] (first `num_tokens` of T) -> a view whose row-major order is llama.cpp's rows:
-    [num_tokens, H_kv, D], or [num_tokens, H_kv, D/2, 2] with keys re-paired when rope_layout is "norm".
-    No copy: a copy_ into a contiguous tensor of this shape writes the rows in one op."""
-    x = x[0, :, :num_tokens, :]  # [H, T, D]
-    if rope_layout == "norm":
-        d = x.shape[-1]
-        return x.unflatten(-1, (2, d // 2)).permute(1, 0, 3, 2)  # [T, H, D/2, 2]: k_llama[2i + j] = k_hf[j*D/2 + i]
-    return x.transpose(0, 1)  # [T, H, D]
+    """[1, H_kv, T, D] (first `num_tokens` of T) -> a [num_tokens, H_kv, D/2, 2] view whose row-major
+    order is llama.cpp's rows, keys re-paired when rope_layout is "norm" (k_llama[2i + j] =
+    k_hf[j*D/2 + i]). One as_strided over x's own strides, whatever they are: no copy, and a single op
+    in the per-layer hook (where each op lengthens a launch-bound forward pass)."""
+    _, stride_h, stride_t, stride_d = x.stride()
+    d = x.shape[-1]
+    pairs = (stride_d, stride_d * (d // 2)) if rope_layout == "norm" else (2 * stride_d, stride_d)
+    return x.as_strided((num_tokens, x.shape[1], d // 2, 2), (stride_t, stride_h, *pairs), x.storage_offset())
 
 
 def to_rows(x: torch.Tensor, num_tokens: int, rope_layout: str = "neox") -> torch.Tensor:

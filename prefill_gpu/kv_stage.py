@@ -38,39 +38,44 @@ class KvStaging:
         self.host: torch.Tensor | None = None  # [layers, k_nbytes + v_nbytes] uint8
 
     def begin(self, codec: str, num_tokens: int) -> None:
-        c, t = self.info.kv_row_elems, num_tokens
+        info, t = self.info, num_tokens
         self.codec, self.num_tokens = codec, num_tokens
         self.encode = ENCODERS[codec]
         if codec in HOST_ENCODED:
             self.host = None
             return
-        self.k_nbytes = codecs.get_codec(codec).payload_bytes(t, c, "k")
-        self.v_nbytes = codecs.get_codec(codec).payload_bytes(t, c, "v")
+        self.k_nbytes = codecs.get_codec(codec).payload_bytes(t, info.kv_row_elems, "k")
+        self.v_nbytes = codecs.get_codec(codec).payload_bytes(t, info.kv_row_elems, "v")
         # a fresh buffer per request: the previous one is still referenced by frames the socket has
         # not sent yet, and goes back to torch's pinned-memory cache once they are
-        self.host = torch.empty((self.info.num_layers, self.k_nbytes + self.v_nbytes), dtype=torch.uint8,
+        self.host = torch.empty((info.num_layers, self.k_nbytes + self.v_nbytes), dtype=torch.uint8,
                                 pin_memory=self.on_gpu)
+        self.host_np = self.host.numpy()  # payload memoryviews by numpy indexing, far cheaper than torch's
+        if codec == "f16":  # per layer (K, V), each [T, H_kv, D/2, 2]: token_major's shape
+            self.f16_layers = self.host.view(torch.float16).view(
+                info.num_layers, 2, t, info.num_kv_heads, info.head_dim // 2, 2).unbind(0)
 
     def stage(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[memoryview, memoryview, Callable | None]:
         """Layer i's cache tensors ([1, H_kv, T, D] each) -> (K payload, V payload, wait-until-ready)."""
         t, layout = self.num_tokens, self.info.rope_layout
-        if self.host is None:  # encoded on the host: the payloads are host memory already
-            k_rows, v_rows = (token_major(x, t, r).reshape(t, -1) for x, r in ((k, layout), (v, "neox")))
+        k_rows, v_rows = token_major(k, t, layout), token_major(v, t)  # views, [T, H_kv, D/2, 2] each
+        if self.codec == "f16" and self.host is not None:  # permute + cast + device-to-host: one copy per tensor
+            k_host, v_host = self.f16_layers[i].unbind(0)
+            k_host.copy_(k_rows, non_blocking=True)
+            v_host.copy_(v_rows, non_blocking=True)
+        else:
             hd = self.info.head_dim
-            return _bytes(self.encode(k_rows, "k", hd)), _bytes(self.encode(v_rows, "v", hd)), None
-        k_host, v_host = self.host[i, : self.k_nbytes], self.host[i, self.k_nbytes :]
-        for x, host, role, r in ((k, k_host, "k", layout), (v, v_host, "v", "neox")):
-            rows = token_major(x, t, r)  # a view: [T, H, D] or [T, H, D/2, 2]
-            if self.codec == "f16":
-                host.view(torch.float16).view(rows.shape).copy_(rows, non_blocking=True)
-            else:
-                host.copy_(self.encode(rows.reshape(t, -1), role, self.info.head_dim).view(torch.uint8),
-                           non_blocking=True)
+            k_pay, v_pay = self.encode(k_rows.reshape(t, -1), "k", hd), self.encode(v_rows.reshape(t, -1), "v", hd)
+            if self.host is None:  # encoded on the host: the payloads are host memory already
+                return _bytes(k_pay), _bytes(v_pay), None
+            self.host[i, : self.k_nbytes].copy_(k_pay, non_blocking=True)
+            self.host[i, self.k_nbytes :].copy_(v_pay, non_blocking=True)
         ready = None
         if self.on_gpu:
             self.events[i].record()
             ready = self.events[i].synchronize
-        return k_host.numpy().data, v_host.numpy().data, ready
+        row = self.host_np[i]
+        return row[: self.k_nbytes].data, row[self.k_nbytes :].data, ready
 
 
 def _bytes(t: torch.Tensor) -> memoryview:

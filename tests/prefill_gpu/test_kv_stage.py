@@ -32,15 +32,21 @@ def test_staged_payloads_equal_the_encoders_own(model_info, codec):
                 assert np.array_equal(np.frombuffer(v_pay, np.uint8), want_v), (device, dtype, i, "v")
 
 
-def test_keys_are_re_paired_for_llama_rope(model_info):
-    """The staged f16 keys are llama.cpp's interleaved-pair order: element 2i+j of a head is hf's j*D/2+i."""
+@pytest.mark.parametrize("token_major_memory", [False, True])
+def test_keys_are_re_paired_for_llama_rope_and_values_kept(model_info, token_major_memory):
+    """Staged f16: element 2i+j of a key head is hf's j*D/2+i (llama.cpp's interleaved pairs), values keep
+    their order; whatever the cache tensors' strides (transformers' may be token-major in memory)."""
     assert model_info.rope_layout == "norm"
     h, d, t = model_info.num_kv_heads, model_info.head_dim, 4
-    k = torch.arange(h * t * d, dtype=torch.float32).reshape(1, h, t, d)
+    x = torch.arange(h * t * d, dtype=torch.float32).reshape(1, h, t, d)
+    if token_major_memory:  # same values, [1, T, H, D] in memory
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
     staging = KvStaging(model_info, torch.device("cpu"))
     staging.begin("f16", t)
-    k_pay, _, _ = staging.stage(0, k, k)
-    got = np.frombuffer(k_pay, np.float16).reshape(t, h, d)
+    k_pay, v_pay, _ = staging.stage(0, x, x)
+    got_k = np.frombuffer(k_pay, np.float16).reshape(t, h, d)
+    got_v = np.frombuffer(v_pay, np.float16).reshape(t, h, d)
     for i in range(d // 2):
         for j in (0, 1):
-            assert got[1, 2, 2 * i + j] == k[0, 2, 1, j * d // 2 + i].item()
+            assert got_k[1, 2, 2 * i + j] == x[0, 2, 1, j * d // 2 + i].item()
+    assert np.array_equal(got_v, x[0].transpose(0, 1).numpy().astype(np.float16))

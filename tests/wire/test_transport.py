@@ -42,3 +42,29 @@ def test_dead_peer_fails_the_whole_stream_in_one_timeout():
     assert time.monotonic() - t0 < 3.0  # one SNDTIMEO, not thirty
     sender.close()
     ctx.destroy(linger=0)
+
+
+def test_layers_gathered_while_produced_go_out_without_a_flush_and_flush_cuts_the_wait():
+    """The sender gathers layers for KV_BATCH_WINDOW_S from an idle start: a lone layer still goes out
+    on its own, and flush() sends what is gathered at once instead of waiting the window out."""
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    addr = f"tcp://127.0.0.1:{port}"
+    sent = []
+    sender = transport.KvSender(ctx, batch_window_s=0.5)
+    t0 = time.perf_counter()
+    sender.submit(transport.LayerJob(addr, header(b"b" * 16, 0), b"k" * 8, b"v" * 8,
+                                     on_sent=lambda t, err: sent.append((t, err))))
+    assert pull.poll(5000)  # no flush: out after the window
+    assert 0.4 < sent[0][0] - t0 < 3.0 and sent[0][1] is None
+    pull.recv_multipart()
+    t1 = time.perf_counter()
+    for i in range(1, 4):
+        sender.submit(transport.LayerJob(addr, header(b"b" * 16, i), b"k" * 8, b"v" * 8,
+                                         on_sent=lambda t, err: sent.append((t, err))))
+    sender.flush()
+    assert time.perf_counter() - t1 < 0.4  # the window did not run out
+    assert [frame.decode_message(pull.recv_multipart())[0].layer for _ in range(3)] == [1, 2, 3]
+    sender.close()
+    ctx.destroy(linger=0)
