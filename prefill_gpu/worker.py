@@ -61,7 +61,8 @@ class PrefillWorker:
             self.staging = KvStaging(self.info, self.engine.device)
         self.zctx = zmq.Context()
         self.control = transport.bind_router(self.zctx, cfg.control_addr)
-        self.sender = transport.KvSender(self.zctx)
+        on_gpu = self.cfg.engine == "torch" and self.engine.device.type == "cuda"
+        self.sender = transport.KvSender(self.zctx, batch_window_s=transport.KV_BATCH_WINDOW_S if on_gpu else 0.0)
         self.proc = psutil.Process()
         self.proc.cpu_percent()
 

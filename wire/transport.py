@@ -26,10 +26,11 @@ from wire import frame, messages
 KV_HWM_LAYERS = 32
 # Kernel socket buffers for the KV stream: a 10GbE link with 1 ms RTT needs ~1.25 MB in flight.
 KV_SOCKET_BUFFER_BYTES = 8 << 20
-# The sender gathers the layers a forward pass produces for this long before sending them, instead of
-# waking for each: every wake-up takes the GIL from the forward pass, which on a GPU is bound by Python
-# launching kernels (H200 box, 30 layers: ~3 ms less stretch). flush() ends the wait at once. 5 ms keep
-# a 10GbE link busy from the kernel's socket buffer meanwhile.
+# A GPU prefill worker's sender gathers the layers a forward pass produces for this long before sending
+# them, instead of waking for each: every wake-up takes the GIL from the forward pass, which on a GPU is
+# bound by Python launching kernels (H200 box, 30 layers: ~3 ms less stretch). flush() ends the wait at
+# once; the kernel's socket buffer keeps a 10GbE link busy meanwhile. A CPU forward pass gains nothing
+# (its layers take ms each) and would only see its KV land later, so there the window is 0.
 KV_BATCH_WINDOW_S = 0.005
 
 
@@ -72,7 +73,7 @@ class KvSender:
     """A thread that owns the PUSH sockets to decode workers and sends queued layers in order."""
 
     def __init__(self, ctx: zmq.Context, max_layers_queued: int = KV_HWM_LAYERS, send_timeout_s: float = 10.0,
-                 batch_window_s: float = KV_BATCH_WINDOW_S):
+                 batch_window_s: float = 0.0):
         self._ctx = ctx
         self._q: queue.Queue = queue.Queue(maxsize=max_layers_queued)
         self._batch_window_s = batch_window_s
