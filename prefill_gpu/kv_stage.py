@@ -30,7 +30,8 @@ class KvStaging:
     def __init__(self, info: ModelInfo, device: torch.device):
         self.info, self.device = info, device
         self.on_gpu = device.type == "cuda"
-        # reused from request to request: the sender has waited on every one before the next request
+        # recorded again by each request; a sender still waiting on one for an earlier (failed) request
+        # only waits a little longer, for a copy into the next request's buffer
         self.events = [torch.cuda.Event() for _ in range(info.num_layers)] if self.on_gpu else []
         self.codec = "f16"
         self.num_tokens = 0
