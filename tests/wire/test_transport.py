@@ -68,3 +68,21 @@ def test_layers_gathered_while_produced_go_out_without_a_flush_and_flush_cuts_th
     assert [frame.decode_message(pull.recv_multipart())[0].layer for _ in range(3)] == [1, 2, 3]
     sender.close()
     ctx.destroy(linger=0)
+
+
+def test_kv_receivers_get_frames_from_the_heap_not_fresh_mappings():
+    """A 30 MiB allocation (a large model's KV frame) comes from the brk heap once bind_kv_pull has set
+    the allocator up, and from a fresh mmap without it: measured in fresh processes, whose glibc
+    thresholds no earlier test has moved."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import ctypes, sys; from wire import transport\n"
+        "if sys.argv[1] == 'tuned': transport.keep_kv_frames_off_mmap()\n"
+        "libc = ctypes.CDLL(None); libc.malloc.restype = libc.sbrk.restype = ctypes.c_void_p\n"
+        "p = libc.malloc(30 << 20); print(p < libc.sbrk(0)); libc.free(ctypes.c_void_p(p))\n"
+    )
+    out = {mode: subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True, check=True).stdout
+           for mode in ("tuned", "default")}
+    assert out == {"tuned": "True\n", "default": "False\n"}
