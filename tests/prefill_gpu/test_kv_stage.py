@@ -2,11 +2,12 @@
 
 import numpy as np
 import pytest
-import torch
 
-from prefill_gpu.kv_encode import ENCODERS
-from prefill_gpu.kv_layout import layer_rows
-from prefill_gpu.kv_stage import KvStaging
+torch = pytest.importorskip("torch", reason="torch is not installed (the `prefill` extra)")
+
+from prefill_gpu.kv_encode import ENCODERS  # noqa: E402
+from prefill_gpu.kv_layout import layer_rows  # noqa: E402
+from prefill_gpu.kv_stage import KvStaging  # noqa: E402
 
 
 @pytest.mark.parametrize("codec", sorted(ENCODERS))

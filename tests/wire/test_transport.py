@@ -45,8 +45,8 @@ def test_dead_peer_fails_the_whole_stream_in_one_timeout():
 
 
 def test_layers_gathered_while_produced_go_out_without_a_flush_and_flush_cuts_the_wait():
-    """The sender gathers layers for KV_BATCH_WINDOW_S from an idle start: a lone layer still goes out
-    on its own, and flush() sends what is gathered at once instead of waiting the window out."""
+    """With a gathering window (a GPU prefill worker's) the sender waits that long from an idle start: a
+    lone layer still goes out on its own, and flush() sends what is gathered at once."""
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
     port = pull.bind_to_random_port("tcp://127.0.0.1")
