@@ -150,9 +150,9 @@ def measure(model_path: Path, num_prompts: int, repeats: int, progress=lambda: N
                 longest_rows = rows
             progress()
         if speed_tokens:
-            from homelab_disagg.workload import make_prompt
+            from homelab_disagg.workload import make_long_prompt
 
-            text = make_prompt(speed_tokens + speed_tokens // 4 + 64)  # its token estimate runs short
+            text = make_long_prompt(speed_tokens)
             ids = judges["deployed", "f16"].model.tokenize(text, add_special=True, parse_special=False)[:speed_tokens]
             longest_rows = torch_layer_rows(engine, info, ids)
 
@@ -182,12 +182,11 @@ def measure(model_path: Path, num_prompts: int, repeats: int, progress=lambda: N
         out_rows.append(probe)
         own_summary = {}
         for name, results in own.items():
-            agr = pool(results)
-            own_summary[name.split()[-1]] = {"top1_vs_llama": agr.top1, "kl_vs_llama": agr.kl,
-                                             "ppl_change_vs_llama_pct": agr.ppl_change_pct}
-            out_rows.append({"codec": name, "cache": name.split()[-1], **own_summary[name.split()[-1]],
-                             "ppl": agr.ppl_candidate, "first_token_equal": agr.first_token_equal,
-                             "positions": agr.positions})
+            agr, cache = pool(results), name.split()[-1]
+            own_summary[cache] = {"top1_vs_llama": agr.top1, "kl_vs_llama": agr.kl,
+                                  "ppl_change_vs_llama_pct": agr.ppl_change_pct}
+            out_rows.append({"codec": name, "cache": cache, **own_summary[cache], "ppl": agr.ppl_candidate,
+                             "first_token_equal": agr.first_token_equal, "positions": agr.positions})
         f16_e2e = pool(vs_llama["f16"])
         summary = {
             "codecs": summary_codecs, "llama_own": own_summary,

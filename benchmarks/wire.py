@@ -34,6 +34,15 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 LAYER_BYTES = 1024 * 768 * 2  # K+V of one SmolLM2 layer for a 1024-token prompt, f16
 
 
+# the overlap measurement's modes, in the order they run: name -> (layer streaming, first token from the
+# prefill worker, column label)
+OVERLAP_MODES = {
+    "streaming": (True, False, "streaming, first token from llama.cpp"),
+    "streaming_first": (True, True, "streaming, first token from prefill"),
+    "whole": (False, False, "no streaming"),
+}
+
+
 # --- roles ------------------------------------------------------------------------------------
 
 
@@ -87,23 +96,20 @@ def role_overlap_client(lab_json: str, prompt_tokens: str, repeats: str) -> None
     from coordinator.core import Coordinator, GenerationRequest
     from coordinator.records import RequestRecord
     from homelab_disagg.config import DecodeEndpoint, LabConfig, PrefillEndpoint
-    from homelab_disagg.workload import make_prompt
+    from homelab_disagg.workload import make_long_prompt
     from wire.messages import Sampling
 
     cfg = json.loads(lab_json)
     lab = LabConfig(prefill=(PrefillEndpoint("gpu", cfg["prefill"]),),
                     decode=(DecodeEndpoint("cpu", cfg["decode"], cfg["kv"]),), request_timeout_s=300)
 
-    modes = {  # name -> (layer streaming, first token from the prefill worker)
-        "streaming": (True, False), "streaming_first": (True, True), "whole": (False, False)}
-
     async def go():
         out = {}
-        for mode, (streaming, first) in modes.items():
+        for mode, (streaming, first, _) in OVERLAP_MODES.items():
             coord = Coordinator(lab.with_(layer_streaming=streaming, first_token_from_prefill=first))
             await coord.start(timeout_s=30)
             n = int(prompt_tokens)
-            ids = (await coord.tokenize(make_prompt(n + n // 4 + 64)))[:n]  # its token estimate runs short
+            ids = (await coord.tokenize(make_long_prompt(n)))[:n]
             if len(ids) < n:
                 raise RuntimeError(f"the overlap prompt came out at {len(ids)} tokens, {n} were asked for")
             runs = {"disaggregated": [], "colocated-gpu": []}
@@ -254,17 +260,13 @@ def overlap_figures(runs: dict, layer_transfer_ms: float) -> dict:
     return out
 
 
-OVERLAP_MODES = {"streaming_first": "streaming, first token from prefill", "streaming": "streaming, first token from llama.cpp",
-                 "whole": "no streaming"}
-
-
 def overlap_table(figures: dict):
     """One row per figure, one column per mode: the figures of `overlap_figures` side by side."""
     from benchmarks.report import table
 
     metrics = ("ttft_ms", "prefill_alone_ttft_ms", "ttft_excess_ms", "ttft_excess_paired_ms", "kv_ready_excess_ms",
                "prefill_compute_ms", "inject_ms", "first_step_ms")
-    rows = [{"ms": m, **{label: figures.get(f"{mode}_{m}", "") for mode, label in OVERLAP_MODES.items()}}
+    rows = [{"ms": m, **{label: figures.get(f"{mode}_{m}", "") for mode, (_, _, label) in OVERLAP_MODES.items()}}
             for m in metrics]
     title = (f"overlap on a 1 Gbit link, {figures.get('prompt_tokens', 0)}-token prompt (ms); bound: one layer "
              f"{figures['layer_transfer_ms']:.2f} + 5 = {figures['layer_transfer_ms'] + 5:.2f}")

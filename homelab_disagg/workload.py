@@ -37,6 +37,12 @@ def make_prompt(approx_tokens: int, start: int = 0) -> str:
     return text.rsplit(" ", 1)[0] + "\n\nQuestion: what is the main point of the text above?\nAnswer:"
 
 
+def make_long_prompt(num_tokens: int, start: int = 0) -> str:
+    """make_prompt with room to spare, for callers that cut the token ids to exactly `num_tokens`: its
+    estimate of characters per token runs short on long texts."""
+    return make_prompt(num_tokens + num_tokens // 4 + 64, start)
+
+
 def make_workload(num_requests: int, min_tokens: int = 128, max_tokens: int = 512, output_tokens: int = 32,
                   seed: int = 0) -> list[WorkloadItem]:
     """Prompt lengths spread evenly over [min_tokens, max_tokens], shuffled deterministically."""

@@ -28,7 +28,7 @@ class KvStaging:
     """Owned by a prefill worker; `begin` per request, then `stage` per layer from the forward pass."""
 
     def __init__(self, info: ModelInfo, device: torch.device):
-        self.info, self.device = info, device
+        self.info = info
         self.on_gpu = device.type == "cuda"
         # recorded again by each request; a sender still waiting on one for an earlier (failed) request
         # only waits a little longer, for a copy into the next request's buffer
