@@ -274,7 +274,7 @@ def overlap_table(figures: dict):
 
 
 def run_bench(model_path: Path, loopback_mb: int, link_mb: int, prompt_tokens: int, repeats: int, csv_path,
-              json_out: bool, console, workers: OverlapWorkers = OverlapWorkers()) -> dict:
+              json_out: bool, console, workers: OverlapWorkers = OverlapWorkers(), overlap_requests: int = 15) -> dict:
     from benchmarks.report import emit, table
     from wire import linklab
 
@@ -299,7 +299,7 @@ def run_bench(model_path: Path, loopback_mb: int, link_mb: int, prompt_tokens: i
             if rate == 1:
                 socket_1g = sock
         with linklab.link_lab(linklab.LinkSpec(1)) as lab:
-            runs = overlap(lab, model_path, prompt_tokens, repeats, workers)
+            runs = overlap(lab, model_path, prompt_tokens, overlap_requests, workers)
         from homelab_disagg.model import read_model_info
 
         layer_bytes = prompt_tokens * read_model_info(model_path).kv_row_elems * 2 * 2  # K+V of one layer, f16
@@ -317,7 +317,7 @@ def run_bench(model_path: Path, loopback_mb: int, link_mb: int, prompt_tokens: i
     if figures:
         tables.append(overlap_table(figures))
     emit("wire", rows + ([{"link": "overlap-1gbit", **figures}] if figures else []), summary, tables, csv_path,
-         json_out, console, {"repeats": repeats})
+         json_out, console, {"repeats": repeats, "overlap_requests": overlap_requests})
     return summary
 
 

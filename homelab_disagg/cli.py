@@ -396,6 +396,9 @@ def bench_wire(
     prefill_device: Annotated[str, typer.Option(help="Overlap's prefill worker: auto, cuda or cpu.")] = "auto",
     prefill_threads: Annotated[int, typer.Option(help="Overlap's prefill worker torch threads (0: default).")] = 0,
     decode_threads: Annotated[int, typer.Option(help="Overlap's decode worker llama.cpp threads (0: default).")] = 0,
+    overlap_requests: Annotated[int, typer.Option(
+        help="Timed requests per overlap mode and architecture, interleaved (medians; a GPU forward pass "
+             "varies by ~10 ms from request to request).")] = 15,
     csv: CsvOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -404,7 +407,8 @@ def bench_wire(
         from benchmarks.wire import OverlapWorkers, run_bench
 
         workers = OverlapWorkers(prefill_device, prefill_threads, decode_threads)
-        run_bench(_model_path(model), loopback_mb, link_mb, prompt_tokens, repeats, csv, json_out, console, workers)
+        run_bench(_model_path(model), loopback_mb, link_mb, prompt_tokens, repeats, csv, json_out, console, workers,
+                  overlap_requests)
     except DisaggError as e:
         _fail(e)
 

@@ -9,12 +9,12 @@ straight into views of one pinned buffer per request, 6 ms). So:
     begin(request): one pinned buffer [layers, K payload | V payload] for the whole request
     stage(i, k, v): f16: one copy per tensor, permute + cast + device-to-host together;
                     other codecs: encode on the device, one device-to-host copy per tensor;
-                    one event per layer, which the sender thread waits on before it reads.
+                    one event per layer, which the sender checks or waits on before it reads.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -22,6 +22,13 @@ from homelab_disagg.model import ModelInfo
 from prefill_gpu.kv_encode import ENCODERS, HOST_ENCODED
 from prefill_gpu.kv_layout import token_major
 from wire import codecs
+
+
+class StagedLayer(NamedTuple):
+    k: memoryview  # the K payload
+    v: memoryview  # the V payload
+    kv: memoryview | None  # both, back to back in the request's buffer (None: apart)
+    copied: torch.cuda.Event | None  # after it the payloads hold the data (None: they do now)
 
 
 class KvStaging:
@@ -56,8 +63,8 @@ class KvStaging:
             self.f16_layers = self.host.view(torch.float16).view(
                 info.num_layers, 2, t, info.num_kv_heads, info.head_dim // 2, 2).unbind(0)
 
-    def stage(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[memoryview, memoryview, Callable | None]:
-        """Layer i's cache tensors ([1, H_kv, T, D] each) -> (K payload, V payload, wait-until-ready)."""
+    def stage(self, i: int, k: torch.Tensor, v: torch.Tensor) -> StagedLayer:
+        """Layer i's cache tensors ([1, H_kv, T, D] each) -> its payloads in host memory."""
         t, layout = self.num_tokens, self.info.rope_layout
         k_rows, v_rows = token_major(k, t, layout), token_major(v, t)  # views, [T, H_kv, D/2, 2] each
         if self.codec == "f16" and self.host is not None:  # permute + cast + device-to-host: one copy per tensor
@@ -68,15 +75,15 @@ class KvStaging:
             hd = self.info.head_dim
             k_pay, v_pay = self.encode(k_rows.reshape(t, -1), "k", hd), self.encode(v_rows.reshape(t, -1), "v", hd)
             if self.host is None:  # encoded on the host: the payloads are host memory already
-                return _bytes(k_pay), _bytes(v_pay), None
+                return StagedLayer(_bytes(k_pay), _bytes(v_pay), None, None)
             self.host[i, : self.k_nbytes].copy_(k_pay, non_blocking=True)
             self.host[i, self.k_nbytes :].copy_(v_pay, non_blocking=True)
-        ready = None
+        event = None
         if self.on_gpu:
-            self.events[i].record()
-            ready = self.events[i].synchronize
+            event = self.events[i]
+            event.record()
         row = self.host_np[i]
-        return row[: self.k_nbytes].data, row[self.k_nbytes :].data, ready
+        return StagedLayer(row[: self.k_nbytes].data, row[self.k_nbytes :].data, row.data, event)
 
 
 def _bytes(t: torch.Tensor) -> memoryview:

@@ -62,7 +62,8 @@ class PrefillWorker:
         self.zctx = zmq.Context()
         self.control = transport.bind_router(self.zctx, cfg.control_addr)
         on_gpu = self.cfg.engine == "torch" and self.engine.device.type == "cuda"
-        self.sender = transport.KvSender(self.zctx, batch_window_s=transport.KV_BATCH_WINDOW_S if on_gpu else 0.0)
+        self.sender = transport.KvSender(self.zctx, batch_window_s=transport.KV_BATCH_WINDOW_S if on_gpu else 0.0,
+                                         copy_payloads=on_gpu)
         self.proc = psutil.Process()
         self.proc.cpu_percent()
 
@@ -104,13 +105,16 @@ class PrefillWorker:
         def on_layer(i, k, v):
             nonlocal encode_s, bytes_wire
             t0 = time.perf_counter()
-            k_payload, v_payload, ready = self.staging.stage(i, k, v)
-            bytes_wire += k_payload.nbytes + v_payload.nbytes
+            staged = self.staging.stage(i, k, v)
+            bytes_wire += staged.k.nbytes + staged.v.nbytes
             header = frame.FrameHeader(
                 req.request_id, self.info.fingerprint, codec.codec_id, i, self.info.num_layers,
                 num_tokens, self.info.kv_row_elems, 0, 0,
             )
-            job = transport.LayerJob(req.kv_addr, header, k_payload, v_payload, ready=ready, on_sent=tracker.on_sent)
+            job = transport.LayerJob(req.kv_addr, header, staged.k, staged.v, kv_payload=staged.kv,
+                                     on_sent=tracker.on_sent)
+            if staged.copied is not None:
+                job.ready, job.is_ready = staged.copied.synchronize, staged.copied.query
             encode_s += time.perf_counter() - t0
             if req.layer_streaming:
                 self.sender.submit(job)
@@ -123,6 +127,7 @@ class PrefillWorker:
             log.exception("prefill failed")
             abort = frame.FrameHeader(req.request_id, self.info.fingerprint, 0, 0, 0, 0, 0, 0, 0)
             self.sender.submit(transport.LayerJob(req.kv_addr, abort, abort=True))
+            self.sender.flush()
             return Failed(req.request_id, f"prefill failed: {type(e).__name__}: {e}", "prefill_error")
         if req.sample_first:  # before the last layers have drained to a slow link
             reply_early(FirstToken(req.request_id, first_token))

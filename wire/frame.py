@@ -148,10 +148,12 @@ def check_payload(h: FrameHeader, k_payload, v_payload) -> None:
         raise CorruptFrame(f"layer {h.layer}: payload checksum mismatch, the KV bytes were corrupted in transit")
 
 
-def encode_layer(h: FrameHeader, k_payload, v_payload) -> list:
-    """The multipart message for one layer; payloads are passed through, not copied."""
+def encode_layer(h: FrameHeader, k_payload, v_payload, kv_payload=None) -> list:
+    """The multipart message for one layer; payloads are passed through, not copied. `kv_payload`, K and
+    V back to back in one buffer where the caller has them so, is hashed in one pass (same hash)."""
     k_nbytes, v_nbytes = memoryview(k_payload).nbytes, memoryview(v_payload).nbytes
-    h = replace(h, k_nbytes=k_nbytes, v_nbytes=v_nbytes, payload_hash=payload_hash(k_payload, v_payload))
+    digest = payload_hash(k_payload, v_payload) if kv_payload is None else xxhash.xxh3_64_intdigest(kv_payload)
+    h = replace(h, k_nbytes=k_nbytes, v_nbytes=v_nbytes, payload_hash=digest)
     return [pack_header(h), k_payload, v_payload]
 
 

@@ -2,6 +2,7 @@
 
 import time
 
+import pytest
 import zmq
 
 from wire import frame, transport
@@ -11,13 +12,17 @@ def header(rid: bytes, layer: int) -> frame.FrameHeader:
     return frame.FrameHeader(rid, b"f" * 8, 1, layer, 30, 1, 4, 0, 0)
 
 
-def test_layers_arrive_in_order_and_checked():
+@pytest.mark.parametrize("copy_payloads", [False, True])
+def test_layers_arrive_in_order_and_checked(copy_payloads):
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
     port = pull.bind_to_random_port("tcp://127.0.0.1")
-    sender = transport.KvSender(ctx)
+    sender = transport.KvSender(ctx, copy_payloads=copy_payloads)
     for i in range(30):
-        sender.submit(transport.LayerJob(f"tcp://127.0.0.1:{port}", header(b"a" * 16, i), bytes([i]) * 8, b"v" * 8))
+        payload = bytearray([i]) * 8 + b"v" * 8  # K and V back to back, as a GPU worker stages them
+        k, v = memoryview(payload)[:8], memoryview(payload)[8:]
+        sender.submit(transport.LayerJob(f"tcp://127.0.0.1:{port}", header(b"a" * 16, i), k, v,
+                                         kv_payload=memoryview(payload) if i % 2 else None))
     sender.flush()
     got = []
     for _ in range(30):
@@ -86,3 +91,20 @@ def test_kv_receivers_get_frames_from_the_heap_not_fresh_mappings():
     out = {mode: subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True, check=True).stdout
            for mode in ("tuned", "default")}
     assert out == {"tuned": "True\n", "default": "False\n"}
+
+
+def test_a_layer_already_copied_is_not_waited_for():
+    """`is_ready` answering yes spares the blocking wait (a GIL hand-over per layer on a GPU worker)."""
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    waited = []
+    sender = transport.KvSender(ctx)
+    for i, copied in enumerate((True, False)):
+        sender.submit(transport.LayerJob(f"tcp://127.0.0.1:{port}", header(b"r" * 16, i), b"k", b"v",
+                                         ready=lambda i=i: waited.append(i), is_ready=lambda c=copied: c))
+    sender.flush()
+    assert waited == [1]
+    assert [frame.decode_message(pull.recv_multipart())[0].layer for _ in range(2) if pull.poll(5000)] == [0, 1]
+    sender.close()
+    ctx.destroy(linger=0)
