@@ -7,6 +7,7 @@ f16, 30 layers: encoding each tensor and copying it to its own pinned buffer add
 straight into views of one pinned buffer per request, 6 ms). So:
 
     begin(request): one pinned buffer [layers, K payload | V payload] for the whole request
+                    (f16 on a GPU: and a device buffer of the same layout)
     stage(i, k, v): f16 on a GPU: permute + cast into the request's device buffer, one kernel per
                     tensor, then one device-to-host copy of the layer's K and V together (a copy
                     that casts and permutes on its way to the host costs ~3x the launch time:

@@ -127,7 +127,6 @@ class PrefillWorker:
             log.exception("prefill failed")
             abort = frame.FrameHeader(req.request_id, self.info.fingerprint, 0, 0, 0, 0, 0, 0, 0)
             self.sender.submit(transport.LayerJob(req.kv_addr, abort, abort=True))
-            self.sender.flush()
             return Failed(req.request_id, f"prefill failed: {type(e).__name__}: {e}", "prefill_error")
         if req.sample_first:  # before the last layers have drained to a slow link
             reply_early(FirstToken(req.request_id, first_token))
