@@ -95,10 +95,11 @@ class FrameHeader:
     flags: int = 0
 
 
-def payload_hash(k_payload, v_payload) -> int:
+def payload_hash(*payloads) -> int:
+    """XXH3-64 of the payloads' bytes one after another: K then V, or both in one buffer (one pass)."""
     h = xxhash.xxh3_64()
-    h.update(k_payload)
-    h.update(v_payload)
+    for p in payloads:
+        h.update(p)
     return h.intdigest()
 
 
@@ -152,7 +153,7 @@ def encode_layer(h: FrameHeader, k_payload, v_payload, kv_payload=None) -> list:
     """The multipart message for one layer; payloads are passed through, not copied. `kv_payload`, K and
     V back to back in one buffer where the caller has them so, is hashed in one pass (same hash)."""
     k_nbytes, v_nbytes = memoryview(k_payload).nbytes, memoryview(v_payload).nbytes
-    digest = payload_hash(k_payload, v_payload) if kv_payload is None else xxhash.xxh3_64_intdigest(kv_payload)
+    digest = payload_hash(k_payload, v_payload) if kv_payload is None else payload_hash(kv_payload)
     h = replace(h, k_nbytes=k_nbytes, v_nbytes=v_nbytes, payload_hash=digest)
     return [pack_header(h), k_payload, v_payload]
 
