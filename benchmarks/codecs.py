@@ -62,7 +62,10 @@ def _timed(fn, repeats: int) -> list[float]:
 
 
 def measure_speed(rows: list, info, codec: str, cache_type: str, repeats: int) -> dict:
-    """Encode (torch) and decode (numpy) every layer's K and V of one prompt, `repeats` times."""
+    """Encode (torch) and decode (the decode worker's path) every layer's K and V of one prompt, `repeats`
+    times. Decoding is timed twice: as the decode worker does it (K and V of a layer on two cores where the
+    codec converts, `decode_gbps`) and on one core (`decode_gbps_1core`)."""
+    from decode_cpu.kv_assembler import decode_kv
     from prefill_gpu.kv_encode import ENCODERS
     from wire.codecs import get_codec
 
@@ -79,18 +82,26 @@ def measure_speed(rows: list, info, codec: str, cache_type: str, repeats: int) -
             torch.cuda.synchronize()
         return out
 
-    payloads = [(role, p.cpu().numpy()) for (role, _), p in zip(mats, encode_all())]
-    payload_bytes = sum(p.nbytes for _, p in payloads)
+    payloads = [p.cpu().numpy() for p in encode_all()]
+    payload_bytes = sum(p.nbytes for p in payloads)
+    layers = list(zip(payloads[0::2], payloads[1::2]))  # [(K payload, V payload)] per layer
 
-    def decode_all():
-        for role, p in payloads:
-            wire_codec.decode(p.data, num_tokens, c, cache_type, role, info.head_dim)
+    def decode_worker_path():
+        for k, v in layers:
+            decode_kv(wire_codec, k.data, v.data, num_tokens, c, cache_type, info.head_dim)
 
-    enc, dec = _timed(encode_all, repeats), _timed(decode_all, repeats)
+    def decode_one_core():
+        for k, v in layers:
+            for role, p in (("k", k), ("v", v)):
+                wire_codec.decode(p.data, num_tokens, c, cache_type, role, info.head_dim)
+
+    enc, dec = _timed(encode_all, repeats), _timed(decode_worker_path, repeats)
+    dec1 = _timed(decode_one_core, repeats)
     return {
         "encode_gbps": f16_bytes / min(enc) / 1e9, "encode_gbps_median": f16_bytes / statistics.median(enc) / 1e9,
         "decode_gbps": f16_bytes / min(dec) / 1e9, "decode_gbps_median": f16_bytes / statistics.median(dec) / 1e9,
-        "decode_payload_gbps": payload_bytes / min(dec) / 1e9, "speed_tokens": num_tokens,
+        "decode_gbps_1core": f16_bytes / min(dec1) / 1e9, "decode_payload_gbps": payload_bytes / min(dec) / 1e9,
+        "speed_tokens": num_tokens,
     }
 
 
@@ -110,6 +121,7 @@ def measure(model_path: Path, num_prompts: int, repeats: int, progress=lambda: N
     from homelab_disagg.quality import (LlamaJudge, codec_state, compare, float_weights_model, nudge_keys, pool,
                                         torch_layer_rows)
     from prefill_gpu.engine import TorchPrefillEngine
+    from wire import native
     from wire.codecs import get_codec
 
     info = read_model_info(model_path)
@@ -195,7 +207,7 @@ def measure(model_path: Path, num_prompts: int, repeats: int, progress=lambda: N
             "ppl_ref": f16_e2e.ppl_ref, "ppl_f16_injection": f16_e2e.ppl_candidate,
             "ppl_f16_injection_float": pool(vs_f16["float", "f16"]).ppl_ref,
             "model": info.name, "judge_model": judge_model.name, "prefill_device": str(engine.device),
-            "torch_threads": torch.get_num_threads(), "repeats": repeats,
+            "torch_threads": torch.get_num_threads(), "repeats": repeats, "native_kernel": native.available(),
         }
         return out_rows, summary
     finally:
@@ -226,6 +238,7 @@ def run_bench(model_path: Path, num_prompts: int, repeats: int, csv_path, json_o
             "encode GB/s best/med": f"{r['encode_gbps']:.2f} / {r['encode_gbps_median']:.2f}" if speed else "",
             "decode GB/s best/med": (f"{r['decode_gbps']:.2f} / {r['decode_gbps_median']:.2f}"
                                      + (" (pass-through)" if passes else "")) if speed else "",
+            "decode GB/s 1 core": r.get("decode_gbps_1core", ""),
             "decode payload GB/s": r.get("decode_payload_gbps", ""),
             "top1 vs f16 inj": r.get("top1", ""), "KL": f"{r['kl']:.5f}" if "kl" in r else "",
             "ppl change %": r.get("ppl_change_pct", ""),
@@ -238,7 +251,9 @@ def run_bench(model_path: Path, num_prompts: int, repeats: int, csv_path, json_o
              f"({summary['judge_model']}, ppl {summary['ppl_f16_injection_float']:.3f}) and on the deployed weights "
              f"(`deployed`, ppl {summary['ppl_f16_injection']:.3f}), and vs llama.cpp's own f16 prefill "
              f"(ppl {summary['ppl_ref']:.3f}); encode: torch on "
-             f"{summary['prefill_device']}, {summary['torch_threads']} threads; decode: numpy, 1 thread; GB/s of f16 "
+             f"{summary['prefill_device']}, {summary['torch_threads']} threads; decode: the decode worker's path "
+             f"(K and V of a layer on two cores where the codec converts; kivi4@q8_0 in C: {summary['native_kernel']}) "
+             f"and on one core; GB/s of f16 "
              f"KV, {summary['repeats']} repeats over every layer of a {rows[0]['speed_tokens']}-token prompt")
     emit("codecs", [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in rows], summary,
          [table(title, shown)], csv_path, json_out, console)

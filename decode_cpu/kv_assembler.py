@@ -3,12 +3,15 @@
 Layers must arrive in order 0..n_layer-1 (one PUSH socket per sender keeps order; anything else
 is an error, not something to reorder). Each layer is decoded by its codec straight into its
 place in the final buffer, so assembling costs one copy per byte and the buffer is ready for
-`llama_state_seq_set_data` the moment the last layer lands.
+`llama_state_seq_set_data` the moment the last layer lands. A layer whose codec must convert (kivi4
+into a q8_0 cache, say) decodes its K and V on two cores.
 """
 
 from __future__ import annotations
 
+import functools
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from decode_cpu.kv_state import StateLayout, row_bytes
@@ -72,12 +75,32 @@ def add_layer(geom: Geometry, asm: Assembly, h: frame.FrameHeader, k_payload, v_
     if h.num_tokens != asm.layout.num_cells:
         raise frame.GeometryMismatch(f"layer {h.layer} carries {h.num_tokens} tokens, layer 0 carried {asm.layout.num_cells}")
     codec = codecs.codec_by_id(h.codec)
-    k_rows = codec.decode(k_payload, h.num_tokens, h.row_elems, geom.cache_type, "k", geom.head_dim)
-    v_rows = codec.decode(v_payload, h.num_tokens, h.row_elems, geom.cache_type, "v", geom.head_dim)
+    k_rows, v_rows = decode_kv(codec, k_payload, v_payload, h.num_tokens, h.row_elems, geom.cache_type, geom.head_dim)
     asm.layout.put_layer(asm.buf, h.layer, k_rows, v_rows)
     asm.next_layer += 1
     asm.bytes_wire += len(k_payload) + len(v_payload)
     asm.last_frame_s = time.perf_counter()
+
+
+# Below this many elements per matrix, handing K to another thread costs more than decoding it.
+PARALLEL_MIN_ELEMS = 1 << 16
+
+
+@functools.cache
+def _helper() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(1, thread_name_prefix="kv-decode")
+
+
+def decode_kv(codec: codecs.Codec, k_payload, v_payload, num_tokens: int, row_elems: int, cache_type: str,
+              head_dim: int):
+    """One layer's payloads -> (K rows, V rows) of `cache_type`. Where the codec converts, K decodes on a
+    helper thread while V decodes here: the codecs' work (numpy, wire.native) runs without the GIL."""
+    args = num_tokens, row_elems, cache_type
+    if codec.native_cache_type == cache_type or num_tokens * row_elems < PARALLEL_MIN_ELEMS:
+        return codec.decode(k_payload, *args, "k", head_dim), codec.decode(v_payload, *args, "v", head_dim)
+    k_rows = _helper().submit(codec.decode, k_payload, *args, "k", head_dim)
+    v_rows = codec.decode(v_payload, *args, "v", head_dim)
+    return k_rows.result(), v_rows
 
 
 def state_bytes(geom: Geometry, num_tokens: int) -> int:

@@ -10,7 +10,9 @@ Rows: one per codec (as injected into its cache type), the 1-ulp probe (each jud
 and llama.cpp prefilling into a q8_0/q4_0 cache itself. Quality against the f16 injection is judged
 on the weights dequantized to float (`top1`, `kl`, `ppl_change_pct`) and on the deployed weights
 (`*_deployed`), whose 8-bit activation rounding makes any KV change cost ~4% top-1. Speeds are f16-equivalent GB/s (what
-the link would otherwise carry): encode in torch on the prefill device, decode in numpy, 1 thread.
+the link would otherwise carry): encode in torch on the prefill device; decode as the decode worker does
+it (numpy, ggml's loops and wire/_native.c; K and V of a layer on two cores where the codec converts),
+and on one core.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def plot(rows: list[dict], out_dir: Path, title: str) -> Path:
     ax.set_title("ratio vs quality")
     x = range(len(coded))
     ax2.bar([i - 0.2 for i in x], [r["encode_gbps"] for r in coded], 0.4, label="encode (torch)")
-    ax2.bar([i + 0.2 for i in x], [r["decode_gbps"] for r in coded], 0.4, label="decode (numpy)")
+    ax2.bar([i + 0.2 for i in x], [r["decode_gbps"] for r in coded], 0.4, label="decode (decode worker's path)")
     ax2.set_xticks(list(x), [r["codec"] for r in coded], rotation=30, fontsize=8)
     ax2.set_yscale("log")
     ax2.set_ylabel("GB/s of f16 KV (best of repeats, log)")

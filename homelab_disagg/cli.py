@@ -485,7 +485,7 @@ def bench_codecs(
     csv: CsvOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """KV codecs side by side: bytes per token, encode (torch) and decode (numpy) GB/s, and the quality
+    """KV codecs side by side: bytes per token, encode (torch) and decode (numpy, C) GB/s, and the quality
     of the injected KV: teacher-forced top-1, KL and perplexity change against the f16 injection (the
     codec alone) and against llama.cpp's own f16 prefill (the whole path)."""
     try:

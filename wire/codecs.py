@@ -16,7 +16,8 @@ into rows of the llama.cpp cache type, ready to be laid into a sequence state bu
 
 q8_0/q4_0 payloads are exactly the rows llama.cpp keeps in a cache of that type, so a decode worker
 with that `kv_cache_type` lays them in with no re-layout. Any payload can fill any cache type: the
-decode side dequantizes and, for a quantized cache, rotates and quantizes in numpy.
+decode side dequantizes and, for a quantized cache, rotates and quantizes in numpy (kivi4 into f16 or
+q8_0: in one C pass, wire/native.py, where it is built).
 
 llama.cpp's rotation (src/llama-kv-cache.cpp, attn_rot_k/attn_rot_v, llama-graph.cpp build_attn):
 a quantized K or V cache holds H @ x per run of n elements of each head, H the orthonormal Sylvester
@@ -28,7 +29,8 @@ ggml_compute_forward_fwht); `rotate` repeats that arithmetic so the bits agree.
 
 The numpy encoders here are the reference: prefill_gpu/kv_encode.py computes the same bytes in torch
 on the prefill device, and tests pin the two together. This module imports no engine (wire.ggml
-borrows two of llama.cpp's CPU kernels where it is installed, with the same bits as numpy's).
+borrows two of llama.cpp's CPU kernels where it is installed, wire.native runs this package's own;
+both give numpy's bits).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from typing import Callable
 
 import numpy as np
 
-from wire import ggml, lossless
+from wire import ggml, lossless, native
 
 GROUP = 32  # elements per quantization block (q8_0, q4_0) and per KIVI group
 BLOCK_BYTES = {"q8_0": 34, "q4_0": 18}  # f16 scale + 32 int8 / 16 bytes of nibbles
@@ -339,6 +341,17 @@ def _block_codec(name: str):
 
 def _kivi4_decode(payload, num_tokens, row_elems, cache_type, role, head_dim):
     _check_args("kivi4", payload, kivi4_payload_bytes(num_tokens, row_elems, role), num_tokens, row_elems, cache_type, role)
+    # one pass in C where it is built (wire.native), the same bits as the numpy path below
+    if cache_type == "f16":
+        rows = native.kivi4_to_f16(payload, num_tokens, row_elems, role)
+    elif cache_type == "q8_0":
+        n = hadamard_size(role, head_dim)
+        _check_row_elems(row_elems, n or GROUP)
+        rows = native.kivi4_to_q8_0(payload, num_tokens, row_elems, role, n)
+    else:
+        rows = None
+    if rows is not None:
+        return rows
     x = kivi4_dequantize(payload, num_tokens, row_elems, role)
     return ggml.to_f16(x) if cache_type == "f16" else quantize_rows(x, cache_type, role, head_dim)
 

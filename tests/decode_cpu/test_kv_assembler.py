@@ -1,0 +1,34 @@
+"""decode_cpu.kv_assembler.decode_kv: K and V of a layer decoded on two cores give the one-core bytes,
+and a bad payload on the helper thread still raises its named error here."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from decode_cpu import kv_assembler
+from wire import codecs
+
+T, C = 1024, 192  # T * C >= PARALLEL_MIN_ELEMS: the two-core path
+
+
+def payloads(name: str):
+    x = np.random.default_rng(3).standard_normal((T, C)).astype(np.float32)
+    codec = codecs.get_codec(name)
+    return codec, bytes(codec.encode(x, "k", 64)), bytes(codec.encode(x * 0.5, "v", 64))
+
+
+@pytest.mark.parametrize("name,cache_type", [("kivi4", "q8_0"), ("kivi4", "f16"), ("f16", "q8_0"), ("q8_0", "q8_0")])
+def test_two_cores_give_the_one_core_bytes(name, cache_type):
+    assert T * C >= kv_assembler.PARALLEL_MIN_ELEMS
+    codec, k, v = payloads(name)
+    k_rows, v_rows = kv_assembler.decode_kv(codec, memoryview(k), memoryview(v), T, C, cache_type, 64)
+    assert bytes(k_rows) == bytes(codec.decode(memoryview(k), T, C, cache_type, "k", 64))
+    assert bytes(v_rows) == bytes(codec.decode(memoryview(v), T, C, cache_type, "v", 64))
+    assert bytes(k_rows) != bytes(v_rows)  # K went to K, V to V
+
+
+def test_a_bad_k_payload_on_the_helper_thread_raises_here():
+    codec, k, v = payloads("kivi4")
+    with pytest.raises(codecs.CodecError, match="kivi4 payload is"):
+        kv_assembler.decode_kv(codec, memoryview(k[:-1]), memoryview(v), T, C, "q8_0", 64)

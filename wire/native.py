@@ -1,0 +1,72 @@
+"""This package's own C kernels (wire/_native.c), loaded with ctypes: kivi4 payload -> f16 or q8_0
+cache rows.
+
+A decode box receiving kivi4 dequantizes every element, and for a q8_0 cache rotates and requantizes it;
+numpy does that in up to five passes over float32 copies (into q8_0 about 0.3 GB/s of f16 on one core),
+the kernels in one pass held in L1 (about 1.7 GB/s), with the same bits. `pip install` builds them where
+a C compiler is present; without one the codecs keep the numpy path (tests/wire/test_native.py pins the
+two).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+
+import numpy as np
+
+Q8_0_BLOCK_BYTES = 34
+MAX_RUN = 512  # _native.c's buffers hold runs of up to this many elements (K of head_dim 512)
+
+
+@functools.cache
+def _library():
+    """The built wire/_native.*.so, or None where it was not built."""
+    spec = importlib.util.find_spec("wire._native")
+    if spec is None or not spec.origin:
+        return None
+    try:
+        lib = ctypes.CDLL(spec.origin)
+    except OSError:
+        return None
+    # kivi4_to_q8_0(payload, rows, num_tokens, row_elems, is_key, n, run_begin, run_end)
+    # kivi4_to_f16(payload, rows, num_tokens, row_elems, is_key, elem_begin, elem_end)
+    # -> 0, or -1 on arguments they cannot take
+    i64 = ctypes.c_int64
+    for fn, extra in ((lib.kivi4_to_q8_0, [i64]), (lib.kivi4_to_f16, [])):
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, i64, i64, ctypes.c_int, *extra, i64, i64]
+        fn.restype = ctypes.c_int
+    return lib
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+def kivi4_to_q8_0(payload, num_tokens: int, row_elems: int, role: str, n: int) -> np.ndarray | None:
+    """kivi4 payload of a [T, C] K or V matrix (its size already checked) -> q8_0 rows [T, C/32*34],
+    H_n-rotated in runs of n (0: no rotation); None where the kernel is not built or runs are longer
+    than it holds."""
+    lib = _library()
+    if lib is None or n > MAX_RUN:
+        return None
+    src = np.frombuffer(payload, dtype=np.uint8)
+    rows = np.empty((num_tokens, row_elems // 32 * Q8_0_BLOCK_BYTES), dtype=np.uint8)
+    num_runs = num_tokens * row_elems // (n or 32)
+    if lib.kivi4_to_q8_0(src.ctypes.data, rows.ctypes.data, num_tokens, row_elems, role == "k", n, 0, num_runs):
+        raise ValueError(f"kivi4 -> q8_0 kernel refused {num_tokens} x {row_elems} with runs of {n}")
+    return rows
+
+
+def kivi4_to_f16(payload, num_tokens: int, row_elems: int, role: str) -> np.ndarray | None:
+    """kivi4 payload of a [T, C] K or V matrix (its size already checked) -> f16 [T, C]; None where the
+    kernel is not built."""
+    lib = _library()
+    if lib is None:
+        return None
+    src = np.frombuffer(payload, dtype=np.uint8)
+    rows = np.empty((num_tokens, row_elems), dtype="<f2")
+    if lib.kivi4_to_f16(src.ctypes.data, rows.ctypes.data, num_tokens, row_elems, role == "k", 0, rows.size):
+        raise ValueError(f"kivi4 -> f16 kernel refused {num_tokens} x {row_elems}")
+    return rows
