@@ -10,6 +10,7 @@ into a q8_0 cache, say) decodes its K and V on two cores.
 from __future__ import annotations
 
 import functools
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -93,10 +94,12 @@ def _helper() -> ThreadPoolExecutor:
 
 def decode_kv(codec: codecs.Codec, k_payload, v_payload, num_tokens: int, row_elems: int, cache_type: str,
               head_dim: int):
-    """One layer's payloads -> (K rows, V rows) of `cache_type`. Where the codec converts, K decodes on a
-    helper thread while V decodes here: the codecs' work (numpy, wire.native) runs without the GIL."""
+    """One layer's payloads -> (K rows, V rows) of `cache_type`. Where the codec converts and this process
+    may run on two CPUs, K decodes on a helper thread while V decodes here: the codecs' work (numpy,
+    wire.native) runs without the GIL. On one CPU the hand-over only costs (dev box: 1.53 vs 1.64 GB/s)."""
     args = num_tokens, row_elems, cache_type
-    if codec.native_cache_type == cache_type or num_tokens * row_elems < PARALLEL_MIN_ELEMS:
+    if (codec.native_cache_type == cache_type or num_tokens * row_elems < PARALLEL_MIN_ELEMS
+            or len(os.sched_getaffinity(0)) < 2):
         return codec.decode(k_payload, *args, "k", head_dim), codec.decode(v_payload, *args, "v", head_dim)
     k_rows = _helper().submit(codec.decode, k_payload, *args, "k", head_dim)
     v_rows = codec.decode(v_payload, *args, "v", head_dim)
