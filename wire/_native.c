@@ -5,15 +5,14 @@
    These kernels do the same arithmetic, in the same order, on pieces held in L1.
 
    kivi4_to_f16: dequantize, round to f16 (to nearest even).
-   kivi4_to_q8_0, on 8 runs of n elements at a time:
-     1. dequantize 8 consecutive runs (8*n contiguous elements of the flattened [T, C] matrix);
-     2. transpose them to buf[n][8], so every later step is one loop over the 8 runs (a vector);
-     3. H_n down each run: scale by 1/sqrt(n) first, then butterflies of stride 1, 2, 4, ...
-        (ggml_compute_forward_fwht's order, so the float32 bits agree);
-     4. q8_0 per block of 32: d = amax / 127 stored as f16, q = round-half-even(x * (127 / amax)),
+   kivi4_to_q8_0, one run of n elements (one head's rotation block) at a time:
+     1. dequantize it: K: x = q * scale[g, c] + zero[g, c] (g = the token's group of 32, the last group
+        longer); V: x = q * d + m (q4_1 blocks);
+     2. H_n: scale by 1/sqrt(n) first, then butterflies of stride 1, 2, 4 (inside each 8-lane vector,
+        by shuffles), then 8, 16, ... (between vectors): ggml_compute_forward_fwht's order, so the
+        float32 bits agree;
+     3. q8_0 per block of 32: d = amax / 127 stored as f16, q = round-half-even(x * (127 / amax)),
         as ggml's x86 quantize_row_q8_0.
-   Dequantizing: K: x = q * scale[g, c] + zero[g, c] (g = the token's group of 32, the last group
-   longer); V: x = q * d + m (q4_1 blocks).
 
    Built with -ffp-contract=off: a fused multiply-add would round q * scale + zero once, numpy twice.
    tests/wire/test_native.py pins every byte to the numpy path. */
@@ -23,16 +22,31 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
 /* an AVX2 + F16C build next to the baseline one, picked at load time by the CPU */
 #define MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define X86_CLONES 1
 #else
 #define MULTIVERSION
+#define X86_CLONES 0
 #endif
 
-enum { GROUP = 32, WIDTH = 8, MAX_RUN = 512, Q8_0_BYTES = 34, Q4_1_BYTES = 20 };
+enum { GROUP = 32, MAX_RUN = 512, Q8_0_BYTES = 34, Q4_1_BYTES = 20 };
 
 typedef _Float16 f16;
+/* GCC/clang vector extensions: 8 lanes, one AVX register in the x86-64-v3 build, two SSE ones otherwise */
+typedef float v8f __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+#if defined(__clang__)
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (v8i){__VA_ARGS__})
+#endif
+/* lane-wise max of two v8u variables (a macro: a function passing AVX vectors by value would change
+   the calling convention between the two builds) */
+#define UMAX8(a, b) (((a) & (v8u)((a) > (b))) | ((b) & ~(v8u)((a) > (b))))
+
 static inline float f16_at(const uint8_t *p) {
     f16 h;
     memcpy(&h, p, 2);
@@ -82,19 +96,19 @@ static float *key_params(const uint8_t *payload, int64_t num_tokens, int64_t row
     return params;
 }
 
-/* elements [elem_begin, elem_end) (multiples of 32) of one K or V matrix -> f16 rows. Returns 0 or -1. */
+/* one K or V matrix ([num_tokens, row_elems]) -> f16 rows. Returns 0, or -1 on arguments it cannot take. */
 MULTIVERSION
-int kivi4_to_f16(const uint8_t *payload, f16 *rows, int64_t num_tokens, int64_t row_elems, int is_key,
-                 int64_t elem_begin, int64_t elem_end) {
-    if (row_elems % GROUP || elem_begin % GROUP || elem_end % GROUP || num_tokens <= 0) return -1;
+int kivi4_to_f16(const uint8_t *payload, f16 *rows, int64_t num_tokens, int64_t row_elems, int is_key) {
+    if (row_elems % GROUP || num_tokens <= 0) return -1;
+    const int64_t num_elems = num_tokens * row_elems;
     const int64_t num_groups = num_groups_of(num_tokens);
     float *scale = is_key ? key_params(payload, num_tokens, row_elems) : NULL;
     if (is_key && !scale) return -1;
     const float *zero = is_key ? scale + num_groups * row_elems : NULL;
     enum { CHUNK = 4096 };
     float tmp[CHUNK];
-    for (int64_t e0 = elem_begin; e0 < elem_end; e0 += CHUNK) {
-        const int64_t count = elem_end - e0 < CHUNK ? elem_end - e0 : CHUNK;
+    for (int64_t e0 = 0; e0 < num_elems; e0 += CHUNK) {
+        const int64_t count = num_elems - e0 < CHUNK ? num_elems - e0 : CHUNK;
         if (is_key)
             dequant_k(payload, scale, zero, e0, count, row_elems, num_groups, tmp);
         else
@@ -105,11 +119,30 @@ int kivi4_to_f16(const uint8_t *payload, f16 *rows, int64_t num_tokens, int64_t 
     return 0;
 }
 
-/* runs [run_begin, run_end) of one K or V matrix ([num_tokens, row_elems], runs of n elements,
-   n = 0 for no rotation) -> their q8_0 blocks in rows. Returns 0, or -1 on arguments it cannot take. */
+/* round half to even for |x| < 2^22, as rintf and _mm256_round_ps do: adding 1.5 * 2^23 leaves no bits
+   below the units, and the add rounds as the FPU does (to nearest even); no libm call on any target */
+static inline float round_even(float x) { return (x + 0x1.8p23f) - 0x1.8p23f; }
+
+/* max |x| over a block of 32 floats (4 vectors): the largest bit pattern with the sign cleared, since
+   for floats >= 0 the order of the patterns is the order of the values */
+static inline __attribute__((always_inline)) float block_amax(const v8f *x) {
+    const v8u a = (v8u)x[0] & 0x7fffffffu, b = (v8u)x[1] & 0x7fffffffu;
+    const v8u c = (v8u)x[2] & 0x7fffffffu, d = (v8u)x[3] & 0x7fffffffu;
+    const v8u ab = UMAX8(a, b), cd = UMAX8(c, d);
+    v8u m = UMAX8(ab, cd), t;
+    t = SHUFFLE(m, m, 4, 5, 6, 7, 0, 1, 2, 3), m = UMAX8(m, t);
+    t = SHUFFLE(m, m, 2, 3, 0, 1, 6, 7, 4, 5), m = UMAX8(m, t);
+    t = SHUFFLE(m, m, 1, 0, 3, 2, 5, 4, 7, 6), m = UMAX8(m, t);
+    float amax;
+    memcpy(&amax, &m, sizeof amax);
+    return amax;
+}
+
+/* one K or V matrix ([num_tokens, row_elems], rotated in runs of n elements, n = 0 for no rotation) ->
+   q8_0 rows. Returns 0, or -1 on arguments it cannot take. */
 MULTIVERSION
 int kivi4_to_q8_0(const uint8_t *payload, uint8_t *rows, int64_t num_tokens, int64_t row_elems, int is_key,
-                  int64_t n, int64_t run_begin, int64_t run_end) {
+                  int64_t n) {
     const int rotate = n > 0;
     if (!rotate) n = GROUP;
     if (n > MAX_RUN || n % GROUP || row_elems % n || num_tokens <= 0) return -1;
@@ -118,55 +151,58 @@ int kivi4_to_q8_0(const uint8_t *payload, uint8_t *rows, int64_t num_tokens, int
     if (is_key && !scale) return -1;
     const float *zero = is_key ? scale + num_groups * row_elems : NULL;
 
-    float tmp[WIDTH * MAX_RUN];
-    float buf[MAX_RUN][WIDTH];
-    int8_t qbuf[MAX_RUN][WIDTH];
+    v8f run[MAX_RUN / 8];  /* one run, 8 elements per vector */
+    float *x = (float *)run;
     const float unit = rotate ? 1.0f / sqrtf((float)n) : 1.0f;
+    const int64_t num_vectors = n / 8;
 
-    for (int64_t r0 = run_begin; r0 < run_end; r0 += WIDTH) {
-        const int w_count = run_end - r0 < WIDTH ? (int)(run_end - r0) : WIDTH;
+    for (int64_t r = 0; r < num_tokens * row_elems / n; r++) {
         if (is_key)
-            dequant_k(payload, scale, zero, r0 * n, w_count * n, row_elems, num_groups, tmp);
+            dequant_k(payload, scale, zero, r * n, n, row_elems, num_groups, x);
         else
-            dequant_v(payload, r0 * n, w_count * n, tmp);
-        for (int w = w_count; w < WIDTH; w++) memset(tmp + w * n, 0, n * sizeof(float));
-        for (int64_t j = 0; j < n; j++)
-            for (int w = 0; w < WIDTH; w++) buf[j][w] = tmp[w * n + j];
+            dequant_v(payload, r * n, n, x);
         if (rotate) {
-            for (int64_t j = 0; j < n; j++)
-                for (int w = 0; w < WIDTH; w++) buf[j][w] *= unit;
-            for (int64_t h = 1; h < n; h *= 2)
-                for (int64_t i = 0; i < n; i += 2 * h)
-                    for (int64_t o = i; o < i + h; o++)
-                        for (int w = 0; w < WIDTH; w++) {
-                            const float u = buf[o][w], v = buf[o + h][w];
-                            buf[o][w] = u + v;
-                            buf[o + h][w] = u - v;
-                        }
+            /* strides 1, 2, 4 inside each vector: `p` holds each lane's partner, lane i takes
+               u + v (from `sum`) where i % 2h < h, else u - v (from `diff`) */
+            for (int64_t i = 0; i < num_vectors; i++) {
+                v8f a = run[i] * unit, p, sum, diff;
+                p = SHUFFLE(a, a, 1, 0, 3, 2, 5, 4, 7, 6), sum = a + p, diff = p - a;
+                a = SHUFFLE(sum, diff, 0, 9, 2, 11, 4, 13, 6, 15);
+                p = SHUFFLE(a, a, 2, 3, 0, 1, 6, 7, 4, 5), sum = a + p, diff = p - a;
+                a = SHUFFLE(sum, diff, 0, 1, 10, 11, 4, 5, 14, 15);
+                p = SHUFFLE(a, a, 4, 5, 6, 7, 0, 1, 2, 3), sum = a + p, diff = p - a;
+                run[i] = SHUFFLE(sum, diff, 0, 1, 2, 3, 12, 13, 14, 15);
+            }
+            for (int64_t h = 1; h < num_vectors; h *= 2)  /* strides 8h */
+                for (int64_t i = 0; i < num_vectors; i += 2 * h)
+                    for (int64_t o = i; o < i + h; o++) {
+                        const v8f u = run[o], v = run[o + h];
+                        run[o] = u + v;
+                        run[o + h] = u - v;
+                    }
         }
-        float d[MAX_RUN / GROUP][WIDTH];
         for (int64_t k = 0; k < n / GROUP; k++) {
-            float amax[WIDTH] = {0}, inv[WIDTH];
-            for (int j = 0; j < GROUP; j++)
-                for (int w = 0; w < WIDTH; w++) {
-                    const float a = fabsf(buf[k * GROUP + j][w]);
-                    amax[w] = a > amax[w] ? a : amax[w];
-                }
-            for (int w = 0; w < WIDTH; w++) {
-                d[k][w] = amax[w] / 127.0f;
-                inv[w] = amax[w] != 0.0f ? 127.0f / amax[w] : 0.0f;
-            }
-            for (int j = 0; j < GROUP; j++)
-                for (int w = 0; w < WIDTH; w++) qbuf[k * GROUP + j][w] = (int8_t)rintf(buf[k * GROUP + j][w] * inv[w]);
+            const float amax = block_amax(run + k * GROUP / 8), *b = x + k * GROUP;
+            const float inv = amax != 0.0f ? 127.0f / amax : 0.0f;
+            uint8_t *block = rows + (r * n / GROUP + k) * Q8_0_BYTES;
+            const f16 d = (f16)(amax / 127.0f);
+            memcpy(block, &d, 2);
+            int8_t *q = (int8_t *)block + 2;
+            for (int j = 0; j < GROUP; j++) q[j] = (int8_t)round_even(b[j] * inv);
         }
-        for (int w = 0; w < w_count; w++)
-            for (int64_t k = 0; k < n / GROUP; k++) {
-                uint8_t *block = rows + ((r0 + w) * n / GROUP + k) * Q8_0_BYTES;
-                const f16 dh = (f16)d[k][w];
-                memcpy(block, &dh, 2);
-                for (int j = 0; j < GROUP; j++) block[2 + j] = (uint8_t)qbuf[k * GROUP + j][w];
-            }
     }
     free(scale);
     return 0;
+}
+
+/* 1 where the kernels run as vectors. On an x86 CPU older than x86-64-v3 (before AVX2 and F16C, 2013)
+   the baseline build's 8-lane shuffles and f16 conversions become scalar code slower than numpy
+   (0.2 GB/s on the dev box): wire/native.py then leaves the work to numpy. */
+int kivi4_kernels_vectorized(void) {
+#if X86_CLONES
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("x86-64-v3");
+#else
+    return 1;
+#endif
 }

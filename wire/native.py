@@ -2,10 +2,10 @@
 cache rows.
 
 A decode box receiving kivi4 dequantizes every element, and for a q8_0 cache rotates and requantizes it;
-numpy does that in up to five passes over float32 copies (into q8_0 about 0.3 GB/s of f16 on one core),
-the kernels in one pass held in L1 (about 1.7 GB/s), with the same bits. `pip install` builds them where
-a C compiler is present; without one the codecs keep the numpy path (tests/wire/test_native.py pins the
-two).
+numpy does that in up to five passes over float32 copies (into q8_0 about 0.3 GB/s of f16 on one core of
+the dev box), the kernels in one pass held in L1 (into q8_0 about 2 GB/s), with the same bits. `pip
+install` builds them where a C compiler is present; without one, or on an x86 CPU without AVX2 and F16C,
+the codecs keep the numpy path (tests/wire/test_native.py pins the two).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ MAX_RUN = 512  # _native.c's buffers hold runs of up to this many elements (K of
 
 @functools.cache
 def _library():
-    """The built wire/_native.*.so, or None where it was not built."""
+    """The built wire/_native.*.so where its kernels run as vectors (kivi4_kernels_vectorized), else None."""
     spec = importlib.util.find_spec("wire._native")
     if spec is None or not spec.origin:
         return None
@@ -30,14 +30,13 @@ def _library():
         lib = ctypes.CDLL(spec.origin)
     except OSError:
         return None
-    # kivi4_to_q8_0(payload, rows, num_tokens, row_elems, is_key, n, run_begin, run_end)
-    # kivi4_to_f16(payload, rows, num_tokens, row_elems, is_key, elem_begin, elem_end)
-    # -> 0, or -1 on arguments they cannot take
+    # kivi4_to_q8_0(payload, rows, num_tokens, row_elems, is_key, n), kivi4_to_f16(payload, rows,
+    # num_tokens, row_elems, is_key) -> 0, or -1 on arguments they cannot take
     i64 = ctypes.c_int64
     for fn, extra in ((lib.kivi4_to_q8_0, [i64]), (lib.kivi4_to_f16, [])):
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, i64, i64, ctypes.c_int, *extra, i64, i64]
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, i64, i64, ctypes.c_int, *extra]
         fn.restype = ctypes.c_int
-    return lib
+    return lib if lib.kivi4_kernels_vectorized() else None
 
 
 def available() -> bool:
@@ -53,8 +52,7 @@ def kivi4_to_q8_0(payload, num_tokens: int, row_elems: int, role: str, n: int) -
         return None
     src = np.frombuffer(payload, dtype=np.uint8)
     rows = np.empty((num_tokens, row_elems // 32 * Q8_0_BLOCK_BYTES), dtype=np.uint8)
-    num_runs = num_tokens * row_elems // (n or 32)
-    if lib.kivi4_to_q8_0(src.ctypes.data, rows.ctypes.data, num_tokens, row_elems, role == "k", n, 0, num_runs):
+    if lib.kivi4_to_q8_0(src.ctypes.data, rows.ctypes.data, num_tokens, row_elems, role == "k", n):
         raise ValueError(f"kivi4 -> q8_0 kernel refused {num_tokens} x {row_elems} with runs of {n}")
     return rows
 
@@ -67,6 +65,6 @@ def kivi4_to_f16(payload, num_tokens: int, row_elems: int, role: str) -> np.ndar
         return None
     src = np.frombuffer(payload, dtype=np.uint8)
     rows = np.empty((num_tokens, row_elems), dtype="<f2")
-    if lib.kivi4_to_f16(src.ctypes.data, rows.ctypes.data, num_tokens, row_elems, role == "k", 0, rows.size):
+    if lib.kivi4_to_f16(src.ctypes.data, rows.ctypes.data, num_tokens, row_elems, role == "k"):
         raise ValueError(f"kivi4 -> f16 kernel refused {num_tokens} x {row_elems}")
     return rows

@@ -3,6 +3,7 @@ bytes."""
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import sysconfig
 
@@ -16,7 +17,8 @@ from tests.wire.test_codecs import PROPS, kv_like
 
 F32 = np.float32
 HAS_COMPILER = bool(shutil.which((sysconfig.get_config_var("CC") or "cc").split()[0]))
-needs_kernel = pytest.mark.skipif(not native.available(), reason="wire/_native.c was not built: no C compiler here")
+needs_kernel = pytest.mark.skipif(not native.available(), reason="wire/_native.c was not built (no C compiler), or "
+                                  "this CPU lacks AVX2/F16C and the codecs keep numpy")
 
 
 def numpy_path(payload: bytes, t: int, c: int, role: str, head_dim: int, cache_type: str = "q8_0") -> bytes:
@@ -33,8 +35,8 @@ def kernel(payload: bytes, t: int, c: int, role: str, head_dim: int, cache_type:
 
 
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this box, so pip could not build wire/_native.c")
-def test_the_kernel_is_built_where_a_compiler_is():
-    assert native.available()
+def test_the_kernels_are_built_where_a_compiler_is():
+    assert importlib.util.find_spec("wire._native") is not None
 
 
 @needs_kernel
