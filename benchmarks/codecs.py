@@ -252,7 +252,7 @@ def run_bench(model_path: Path, num_prompts: int, repeats: int, csv_path, json_o
              f"(`deployed`, ppl {summary['ppl_f16_injection']:.3f}), and vs llama.cpp's own f16 prefill "
              f"(ppl {summary['ppl_ref']:.3f}); encode: torch on "
              f"{summary['prefill_device']}, {summary['torch_threads']} threads; decode: the decode worker's path "
-             f"(K and V of a layer on two cores where the codec converts; kivi4@q8_0 in C: {summary['native_kernel']}) "
+             f"(K and V of a layer on two cores where the codec converts; kivi4 in C: {summary['native_kernel']}) "
              f"and on one core; GB/s of f16 "
              f"KV, {summary['repeats']} repeats over every layer of a {rows[0]['speed_tokens']}-token prompt")
     emit("codecs", [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in rows], summary,
