@@ -57,7 +57,7 @@ def test_kernels_are_the_numpy_path_byte_for_byte(data, role, head_dim, cache_ty
 @pytest.mark.parametrize("role", ["k", "v"])
 def test_kernels_on_a_long_prompt_with_outliers_zeros_and_flat_groups(role, cache_type):
     rng = np.random.default_rng(11)
-    t, c = 1030, 192  # K's last group holds 38 tokens; 3 runs of 8 are not a multiple of the kernel's width
+    t, c = 1030, 192  # K's last group holds 38 tokens
     x = rng.standard_normal((t, c)).astype(F32) * rng.choice([1e-3, 1.0, 40.0], (1, c)).astype(F32)
     x[:, 5] = 0.0  # a channel of zeros: K's scale 0
     x[100:140] = 2.5  # flat tokens: V's scale 0
@@ -86,3 +86,13 @@ def test_runs_longer_than_the_kernel_holds_fall_back_to_numpy():
     assert native.kivi4_to_q8_0(p, 40, 1024, "k", 1024) is None
     got = bytes(codecs.get_codec("kivi4").decode(memoryview(p), 40, 1024, "q8_0", "k", 1024))
     assert got == numpy_path(p, 40, 1024, "k", 1024)
+
+
+@needs_kernel
+def test_arguments_the_kernel_cannot_take_are_an_error_not_a_crash():
+    x = np.random.default_rng(7).standard_normal((8, 96)).astype(F32)
+    p = bytes(codecs.kivi4_encode(x, "k", 96))
+    with pytest.raises(ValueError, match="refused 8 x 96 with runs of 64"):
+        native.kivi4_to_q8_0(p, 8, 96, "k", 64)  # a row of 96 is not whole runs of 64
+    with pytest.raises(ValueError, match="refused 0 x 96"):
+        native.kivi4_to_f16(b"", 0, 96, "v")
