@@ -195,13 +195,16 @@ int kivi4_to_q8_0(const uint8_t *payload, uint8_t *rows, int64_t num_tokens, int
     return 0;
 }
 
-/* 1 where the kernels run as vectors. On an x86 CPU older than x86-64-v3 (before AVX2 and F16C, 2013)
-   the baseline build's 8-lane shuffles and f16 conversions become scalar code slower than numpy
-   (0.2 GB/s on the dev box): wire/native.py then leaves the work to numpy. */
+/* 1 where the kernels run as vectors. On an x86 CPU older than x86-64-v3 (before AVX2 and F16C, 2013),
+   or from a compiler without GCC's target_clones, the x86 build's 8-lane shuffles and f16 conversions
+   become scalar code slower than numpy (0.2 GB/s on the dev box): wire/native.py then leaves the work
+   to numpy. Elsewhere (aarch64: NEON, native f16) the kernels are taken to be fast; not measured. */
 int kivi4_kernels_vectorized(void) {
 #if X86_CLONES
     __builtin_cpu_init();
     return __builtin_cpu_supports("x86-64-v3");
+#elif defined(__x86_64__)
+    return 0;
 #else
     return 1;
 #endif
