@@ -32,7 +32,6 @@ from wire import codecs
 class StagedLayer(NamedTuple):
     k: memoryview  # the K payload
     v: memoryview  # the V payload
-    kv: memoryview | None  # both, back to back in the request's buffer (None: apart)
     copied: torch.cuda.Event | None  # after it the payloads hold the data (None: they do now)
 
 
@@ -75,7 +74,7 @@ class KvStaging:
         """Layer i's cache tensors ([1, H_kv, T, D] each) -> its payloads in host memory."""
         t, layout = self.num_tokens, self.info.rope_layout
         k_rows, v_rows = token_major(k, t, layout), token_major(v, t)  # views, [T, H_kv, D/2, 2] each
-        if self.codec == "f16" and self.host is not None:
+        if self.codec == "f16":  # never host-encoded: the request has its buffers
             layer, (k_dst, v_dst), host = self.f16_layers[i]
             k_dst.copy_(k_rows)  # permute + cast
             v_dst.copy_(v_rows)
@@ -85,7 +84,7 @@ class KvStaging:
             hd = self.info.head_dim
             k_pay, v_pay = self.encode(k_rows.reshape(t, -1), "k", hd), self.encode(v_rows.reshape(t, -1), "v", hd)
             if self.host is None:  # encoded on the host: the payloads are host memory already
-                return StagedLayer(_bytes(k_pay), _bytes(v_pay), None, None)
+                return StagedLayer(_bytes(k_pay), _bytes(v_pay), None)
             self.host[i, : self.k_nbytes].copy_(k_pay, non_blocking=True)
             self.host[i, self.k_nbytes :].copy_(v_pay, non_blocking=True)
         event = None
@@ -93,7 +92,7 @@ class KvStaging:
             event = self.events[i]
             event.record()
         row = self.host_np[i]
-        return StagedLayer(row[: self.k_nbytes].data, row[self.k_nbytes :].data, row.data, event)
+        return StagedLayer(row[: self.k_nbytes].data, row[self.k_nbytes :].data, event)
 
 
 def _bytes(t: torch.Tensor) -> memoryview:

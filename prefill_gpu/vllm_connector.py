@@ -295,7 +295,7 @@ class WireKVConnector(KVConnectorBase_V1):
         header = frame.FrameHeader(order.target.request_id, s.fingerprint, codecs.get_codec(order.target.codec).codec_id,
                                    layer, s.num_layers, order.num_tokens, s.row_elems, 0, 0)
         job = transport.LayerJob(order.target.kv_addr, header, k_host.numpy().data, v_host.numpy().data,
-                                 ready=(v_ready.synchronize if v_ready is not None else None), on_sent=ship.on_sent)
+                                 copied=v_ready, on_sent=ship.on_sent)
         ship.num_layers += 1
         ship.bytes_wire += k_host.nbytes + v_host.nbytes
         ship.encode_s += time.perf_counter() - t0

@@ -111,10 +111,8 @@ class PrefillWorker:
                 req.request_id, self.info.fingerprint, codec.codec_id, i, self.info.num_layers,
                 num_tokens, self.info.kv_row_elems, 0, 0,
             )
-            copied = staged.copied  # a CUDA event, or None: the payloads are in host memory already
-            job = transport.LayerJob(req.kv_addr, header, staged.k, staged.v, kv_payload=staged.kv,
-                                     ready=copied.synchronize if copied else None,
-                                     is_ready=copied.query if copied else None, on_sent=tracker.on_sent)
+            job = transport.LayerJob(req.kv_addr, header, staged.k, staged.v, copied=staged.copied,
+                                     on_sent=tracker.on_sent)
             encode_s += time.perf_counter() - t0
             if req.layer_streaming:
                 self.sender.submit(job)

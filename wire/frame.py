@@ -95,11 +95,10 @@ class FrameHeader:
     flags: int = 0
 
 
-def payload_hash(*payloads) -> int:
-    """XXH3-64 of the payloads' bytes one after another: K then V, or both in one buffer (one pass)."""
+def payload_hash(k_payload, v_payload) -> int:
     h = xxhash.xxh3_64()
-    for p in payloads:
-        h.update(p)
+    h.update(k_payload)
+    h.update(v_payload)
     return h.intdigest()
 
 
@@ -149,12 +148,10 @@ def check_payload(h: FrameHeader, k_payload, v_payload) -> None:
         raise CorruptFrame(f"layer {h.layer}: payload checksum mismatch, the KV bytes were corrupted in transit")
 
 
-def encode_layer(h: FrameHeader, k_payload, v_payload, kv_payload=None) -> list:
-    """The multipart message for one layer; payloads are passed through, not copied. `kv_payload`, K and
-    V back to back in one buffer where the caller has them so, is hashed in one pass (same hash)."""
+def encode_layer(h: FrameHeader, k_payload, v_payload) -> list:
+    """The multipart message for one layer; payloads are passed through, not copied."""
     k_nbytes, v_nbytes = memoryview(k_payload).nbytes, memoryview(v_payload).nbytes
-    digest = payload_hash(k_payload, v_payload) if kv_payload is None else payload_hash(kv_payload)
-    h = replace(h, k_nbytes=k_nbytes, v_nbytes=v_nbytes, payload_hash=digest)
+    h = replace(h, k_nbytes=k_nbytes, v_nbytes=v_nbytes, payload_hash=payload_hash(k_payload, v_payload))
     return [pack_header(h), k_payload, v_payload]
 
 

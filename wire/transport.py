@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import zmq
 
@@ -74,20 +74,25 @@ def reply(sock: zmq.Socket, identity: bytes, msg) -> None:
     sock.send_multipart([identity, messages.encode(msg)])
 
 
+class CopyEvent(Protocol):
+    """What marks a device-to-host copy done (a torch.cuda.Event): `query` asks, `synchronize` waits."""
+
+    def query(self) -> bool: ...
+
+    def synchronize(self) -> None: ...
+
+
 @dataclass
 class LayerJob:
-    """One layer to send. `ready` blocks until the host buffers hold the data (a CUDA event),
-    `is_ready` asks without blocking. `kv_payload`, where given, is K and V back to back in memory:
-    one hashing pass instead of two. `abort` sends an abort frame for header.request_id instead
-    (the decode side frees the slot)."""
+    """One layer to send. `copied`, where given, marks when the host buffers hold the data: the sender
+    waits on it only if it has not fired yet (each wait is a GIL hand-over on a GPU worker). `abort`
+    sends an abort frame for header.request_id instead (the decode side frees the slot)."""
 
     addr: str
     header: frame.FrameHeader
     k_payload: object = b""
     v_payload: object = b""
-    ready: Callable[[], None] | None = None
-    is_ready: Callable[[], bool] | None = None
-    kv_payload: object = None
+    copied: CopyEvent | None = None
     on_sent: Callable[[float, Exception | None], None] | None = None  # hand-over time or error
     abort: bool = False
 
@@ -169,12 +174,12 @@ class KvSender:
         try:
             if rid in self._failed:
                 raise self._failed[rid]
-            if job.ready is not None and not (job.is_ready is not None and job.is_ready()):
-                job.ready()
+            if job.copied is not None and not job.copied.query():
+                job.copied.synchronize()
             if job.abort:
                 parts = frame.encode_abort(job.header.request_id, job.header.fingerprint)
             else:
-                parts = frame.encode_layer(job.header, job.k_payload, job.v_payload, job.kv_payload)
+                parts = frame.encode_layer(job.header, job.k_payload, job.v_payload)
             self._socket(job.addr).send_multipart(parts, copy=self._copy)
             if job.on_sent is not None:
                 job.on_sent(time.perf_counter(), None)

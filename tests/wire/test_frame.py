@@ -41,14 +41,6 @@ def test_round_trip_keeps_every_field_and_payload():
     assert bytes(k2) == k and bytes(v2) == v
 
 
-def test_k_and_v_back_to_back_hash_as_one_pass_to_the_same_header():
-    kv = memoryview(bytes(range(256)) * 5)
-    k, v = kv[:700], kv[700:]
-    assert frame.encode_layer(header(), k, v, kv)[0] == frame.encode_layer(header(), k, v)[0]
-    h, _, _ = frame.decode_message(frame.encode_layer(header(), k, v, kv))
-    assert (h.k_nbytes, h.v_nbytes) == (700, 580)
-
-
 def test_truncated_payload_is_named_and_carries_request_id():
     parts = frame.encode_layer(header(), b"k" * 100, b"v" * 60)
     with pytest.raises(frame.TruncatedFrame) as e:

@@ -21,8 +21,7 @@ def test_layers_arrive_in_order_and_checked(copy_payloads):
     for i in range(30):
         payload = bytearray([i]) * 8 + b"v" * 8  # K and V back to back, as a GPU worker stages them
         k, v = memoryview(payload)[:8], memoryview(payload)[8:]
-        sender.submit(transport.LayerJob(f"tcp://127.0.0.1:{port}", header(b"a" * 16, i), k, v,
-                                         kv_payload=memoryview(payload) if i % 2 else None))
+        sender.submit(transport.LayerJob(f"tcp://127.0.0.1:{port}", header(b"a" * 16, i), k, v))
     sender.flush()
     got = []
     for _ in range(30):
@@ -94,15 +93,25 @@ def test_kv_receivers_get_frames_from_the_heap_not_fresh_mappings():
 
 
 def test_a_layer_already_copied_is_not_waited_for():
-    """`is_ready` answering yes spares the blocking wait (a GIL hand-over per layer on a GPU worker)."""
+    """A copy event that has fired spares the blocking wait (a GIL hand-over per layer on a GPU worker)."""
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
     port = pull.bind_to_random_port("tcp://127.0.0.1")
     waited = []
     sender = transport.KvSender(ctx)
-    for i, copied in enumerate((True, False)):
+    class Event:  # a torch.cuda.Event's interface
+        def __init__(self, i, fired):
+            self.i, self.fired = i, fired
+
+        def query(self):
+            return self.fired
+
+        def synchronize(self):
+            waited.append(self.i)
+
+    for i, fired in enumerate((True, False)):
         sender.submit(transport.LayerJob(f"tcp://127.0.0.1:{port}", header(b"r" * 16, i), b"k", b"v",
-                                         ready=lambda i=i: waited.append(i), is_ready=lambda c=copied: c))
+                                         copied=Event(i, fired)))
     sender.flush()
     assert waited == [1]
     assert [frame.decode_message(pull.recv_multipart())[0].layer for _ in range(2) if pull.poll(5000)] == [0, 1]
