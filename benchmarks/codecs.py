@@ -62,20 +62,19 @@ def _timed(fn, repeats: int) -> list[float]:
 
 
 def measure_speed(rows: list, info, codec: str, cache_type: str, repeats: int) -> dict:
-    """Encode (torch) and decode (the decode worker's path) every layer's K and V of one prompt, `repeats`
-    times. Decoding is timed twice: as the decode worker does it (K and V of a layer on two cores where the
+    """Encode (the prefill worker's path: torch, and for f16+bp-zstd K and V of a layer on two host cores) and
+    decode (the decode worker's path) every layer's K and V of one prompt, `repeats` times. Decoding is timed twice: as the decode worker does it (K and V of a layer on two cores where the
     codec converts, `decode_gbps`) and on one core (`decode_gbps_1core`)."""
     from decode_cpu.kv_assembler import decode_kv
-    from prefill_gpu.kv_encode import ENCODERS
+    from prefill_gpu.kv_encode import encode_kv
     from wire.codecs import get_codec
 
-    encode, wire_codec = ENCODERS[codec], get_codec(codec)
+    wire_codec = get_codec(codec)
     num_tokens, c = rows[0][0].shape
-    mats = [(role, x) for kv in rows for role, x in zip(("k", "v"), kv)]
-    f16_bytes = len(mats) * num_tokens * c * 2
+    f16_bytes = len(rows) * 2 * num_tokens * c * 2
 
     def encode_all():
-        out = [encode(x, role, info.head_dim) for role, x in mats]
+        out = [p for k, v in rows for p in encode_kv(codec, k, v, info.head_dim)]
         if out[-1].device.type == "cuda":
             import torch
 

@@ -10,13 +10,11 @@ into a q8_0 cache, say) decodes its K and V on two cores.
 from __future__ import annotations
 
 import functools
-import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from decode_cpu.kv_state import StateLayout, row_bytes
-from wire import codecs, frame
+from wire import codecs, frame, two_cores
 
 
 @dataclass(frozen=True)
@@ -83,28 +81,15 @@ def add_layer(geom: Geometry, asm: Assembly, h: frame.FrameHeader, k_payload, v_
     asm.last_frame_s = time.perf_counter()
 
 
-# Below this many elements per matrix (a 341-token layer of the default model) a layer decodes in tens of
-# microseconds, about what handing K to another thread costs.
-PARALLEL_MIN_ELEMS = 1 << 16
-
-
-@functools.cache
-def _helper() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(1, thread_name_prefix="kv-decode")
-
-
 def decode_kv(codec: codecs.Codec, k_payload, v_payload, num_tokens: int, row_elems: int, cache_type: str,
               head_dim: int):
-    """One layer's payloads -> (K rows, V rows) of `cache_type`. Where the codec converts and this process
-    may run on two CPUs, K decodes on a helper thread while V decodes here: the codecs' work (numpy,
-    wire.native) runs without the GIL. On one CPU the hand-over would only cost time."""
-    args = num_tokens, row_elems, cache_type
-    if (codec.native_cache_type == cache_type or num_tokens * row_elems < PARALLEL_MIN_ELEMS
-            or len(os.sched_getaffinity(0)) < 2):
-        return codec.decode(k_payload, *args, "k", head_dim), codec.decode(v_payload, *args, "v", head_dim)
-    k_rows = _helper().submit(codec.decode, k_payload, *args, "k", head_dim)
-    v_rows = codec.decode(v_payload, *args, "v", head_dim)
-    return k_rows.result(), v_rows
+    """One layer's payloads -> (K rows, V rows) of `cache_type`, on two cores where the codec converts
+    (wire.two_cores); a pass-through payload is only a view, with nothing to share."""
+    k_rows = functools.partial(codec.decode, k_payload, num_tokens, row_elems, cache_type, "k", head_dim)
+    v_rows = functools.partial(codec.decode, v_payload, num_tokens, row_elems, cache_type, "v", head_dim)
+    if codec.native_cache_type == cache_type or not two_cores.worth_it(num_tokens * row_elems):
+        return k_rows(), v_rows()
+    return two_cores.k_and_v(k_rows, v_rows)
 
 
 def state_bytes(geom: Geometry, num_tokens: int) -> int:

@@ -3,15 +3,19 @@ the encoded bytes cross PCIe and the wire. Each must produce exactly the payload
 matching wire codec (wire/codecs.py) decodes; tests pin that byte for byte against the numpy
 reference there, so every step below is the same float32 arithmetic in the same order.
 
-    ENCODERS[name](rows [T, C] float, role "k"|"v", head_dim) -> 1-D payload tensor (same device)
+    ENCODERS[name](rows [T, C] float, role "k"|"v", head_dim) -> 1-D payload tensor (same device;
+                                                                      HOST_ENCODED: on the host)
+    encode_kv(name, K rows, V rows, head_dim) -> (K payload, V payload): a layer, as the worker encodes it
 """
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
-from wire import codecs, lossless
+from wire import codecs, lossless, two_cores
 
 GROUP = codecs.GROUP
 
@@ -118,9 +122,7 @@ def encode_kivi4(rows: torch.Tensor, role: str, head_dim: int = 0) -> torch.Tens
 
 def encode_f16_bp_zstd(rows: torch.Tensor, role: str = "k", head_dim: int = 0) -> torch.Tensor:
     """Lossless: f16 on the device, then byte planes + zstd on the host (a CPU tensor of the payload)."""
-    host = rows.to(torch.float16).cpu().contiguous()
-    payload = lossless.encode_bp_zstd(host.numpy())
-    return torch.frombuffer(bytearray(payload), dtype=torch.uint8) if len(payload) else torch.empty(0, dtype=torch.uint8)
+    return torch.from_numpy(lossless.encode_bp_zstd(rows.to(torch.float16).cpu().numpy()))
 
 
 # encoded on the host, to a size known only afterwards (the others: on the prefill device, fixed size)
@@ -133,6 +135,17 @@ ENCODERS = {
     "kivi4": encode_kivi4,
     "f16+bp-zstd": encode_f16_bp_zstd,
 }
+
+
+def encode_kv(codec: str, k_rows: torch.Tensor, v_rows: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's K and V rows ([T, C] each) -> their payloads. A host encoder codes them on two cores
+    (wire.two_cores); device encoders stay on this thread, which launches their kernels."""
+    encode = ENCODERS[codec]
+    k_pay = functools.partial(encode, k_rows, "k", head_dim)
+    v_pay = functools.partial(encode, v_rows, "v", head_dim)
+    if codec not in HOST_ENCODED or not two_cores.worth_it(k_rows.numel()):
+        return k_pay(), v_pay()
+    return two_cores.k_and_v(k_pay, v_pay)
 
 
 def to_host(t: torch.Tensor) -> tuple[torch.Tensor, object]:

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 
 from homelab_disagg.model import ModelInfo
-from prefill_gpu.kv_encode import ENCODERS, HOST_ENCODED
+from prefill_gpu.kv_encode import HOST_ENCODED, encode_kv
 from prefill_gpu.kv_layout import token_major
 from wire import codecs
 
@@ -52,7 +52,6 @@ class KvStaging:
     def begin(self, codec: str, num_tokens: int) -> None:
         info, t = self.info, num_tokens
         self.codec, self.num_tokens = codec, num_tokens
-        self.encode = ENCODERS[codec]
         if codec in HOST_ENCODED:
             self.host = None
             return
@@ -82,7 +81,7 @@ class KvStaging:
                 host.copy_(layer, non_blocking=True)
         else:
             hd = self.info.head_dim
-            k_pay, v_pay = self.encode(k_rows.reshape(t, -1), "k", hd), self.encode(v_rows.reshape(t, -1), "v", hd)
+            k_pay, v_pay = encode_kv(self.codec, k_rows.reshape(t, -1), v_rows.reshape(t, -1), hd)
             if self.host is None:  # encoded on the host: the payloads are host memory already
                 return StagedLayer(_bytes(k_pay), _bytes(v_pay), None)
             self.host[i, : self.k_nbytes].copy_(k_pay, non_blocking=True)

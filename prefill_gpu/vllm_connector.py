@@ -37,7 +37,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.model_executor.models.utils import extract_layer_index
 
-from prefill_gpu.kv_encode import ENCODERS, to_host
+from prefill_gpu.kv_encode import encode_kv, to_host
 from prefill_gpu.kv_layout import neox_to_norm
 from prefill_gpu.vllm_layout import LayoutError, PagedLayout, detect_layout
 from wire import codecs, frame, messages, transport
@@ -286,12 +286,13 @@ class WireKVConnector(KVConnectorBase_V1):
         if layer != ship.num_layers:
             raise RuntimeError(f"vLLM saved layer {layer} after {ship.num_layers} layers: frames must go in order")
         t0 = time.perf_counter()
-        encode = ENCODERS[order.target.codec]
         k, v = self.layout.gather(kv_layer, order.block_ids, order.num_tokens)  # each [T, H_kv, D]
         if s.rope_layout == "norm":
             k = neox_to_norm(k)
-        k_host, _ = to_host(encode(k.reshape(order.num_tokens, s.row_elems), "k", s.head_dim))
-        v_host, v_ready = to_host(encode(v.reshape(order.num_tokens, s.row_elems), "v", s.head_dim))
+        k_pay, v_pay = encode_kv(order.target.codec, k.reshape(order.num_tokens, s.row_elems),
+                                 v.reshape(order.num_tokens, s.row_elems), s.head_dim)
+        k_host, _ = to_host(k_pay)
+        v_host, v_ready = to_host(v_pay)
         header = frame.FrameHeader(order.target.request_id, s.fingerprint, codecs.get_codec(order.target.codec).codec_id,
                                    layer, s.num_layers, order.num_tokens, s.row_elems, 0, 0)
         job = transport.LayerJob(order.target.kv_addr, header, k_host.numpy().data, v_host.numpy().data,

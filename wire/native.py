@@ -1,5 +1,5 @@
 """This package's own C kernels (wire/_native.c), loaded with ctypes: kivi4 payload -> f16 or q8_0
-cache rows.
+cache rows, and f16 values <-> byte planes for the lossless codec.
 
 A decode box receiving kivi4 dequantizes every element, and for a q8_0 cache rotates and requantizes it;
 numpy does that in up to five passes over float32 copies (into q8_0 about 0.3 GB/s of f16 on one core of
@@ -36,6 +36,10 @@ def _library():
     for fn, extra in ((lib.kivi4_to_q8_0, [i64]), (lib.kivi4_to_f16, [])):
         fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, i64, i64, ctypes.c_int, *extra]
         fn.restype = ctypes.c_int
+    # f16_split_planes(f16s, n, hi, lo), f16_join_planes(hi, lo, n, f16s)
+    lib.f16_split_planes.argtypes = [ctypes.c_void_p, i64, ctypes.c_void_p, ctypes.c_void_p]
+    lib.f16_join_planes.argtypes = [ctypes.c_void_p, ctypes.c_void_p, i64, ctypes.c_void_p]
+    lib.f16_split_planes.restype = lib.f16_join_planes.restype = None
     return lib if lib.kivi4_kernels_vectorized() else None
 
 
@@ -68,3 +72,22 @@ def kivi4_to_f16(payload, num_tokens: int, row_elems: int, role: str) -> np.ndar
     if lib.kivi4_to_f16(src.ctypes.data, rows.ctypes.data, num_tokens, row_elems, role == "k"):
         raise ValueError(f"kivi4 -> f16 kernel refused {num_tokens} x {row_elems}")
     return rows
+
+
+def f16_split_planes(f16s: np.ndarray, hi: np.ndarray, lo: np.ndarray) -> bool:
+    """Contiguous f16 values [N] -> their high bytes into hi [N] and low bytes into lo [N] (uint8, contiguous);
+    False where the kernel is not built (nothing written)."""
+    lib = _library()
+    if lib is None:
+        return False
+    lib.f16_split_planes(f16s.ctypes.data, f16s.size, hi.ctypes.data, lo.ctypes.data)
+    return True
+
+
+def f16_join_planes(hi: np.ndarray, lo: np.ndarray, f16s: np.ndarray) -> bool:
+    """The inverse of f16_split_planes: hi [N], lo [N] -> f16s [N]; False where the kernel is not built."""
+    lib = _library()
+    if lib is None:
+        return False
+    lib.f16_join_planes(hi.ctypes.data, lo.ctypes.data, hi.size, f16s.ctypes.data)
+    return True

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from decode_cpu import kv_assembler
-from wire import codecs
+from wire import codecs, two_cores
 
-T, C = 1024, 192  # T * C >= PARALLEL_MIN_ELEMS: the two-core path
+T, C = 1024, 192  # T * C >= two_cores.MIN_ELEMS: the two-core path
 
 
 def payloads(name: str):
@@ -18,13 +18,14 @@ def payloads(name: str):
     return codec, bytes(codec.encode(x, "k", 64)), bytes(codec.encode(x * 0.5, "v", 64))
 
 
-@pytest.mark.parametrize("name,cache_type", [("kivi4", "q8_0"), ("kivi4", "f16"), ("f16", "q8_0"), ("q8_0", "q8_0")])
+@pytest.mark.parametrize("name,cache_type", [("kivi4", "q8_0"), ("kivi4", "f16"), ("f16", "q8_0"), ("q8_0", "q8_0"),
+                                             ("f16+bp-zstd", "f16")])
 def test_two_cores_give_the_one_core_bytes(name, cache_type, monkeypatch):
-    assert T * C >= kv_assembler.PARALLEL_MIN_ELEMS
+    assert T * C >= two_cores.MIN_ELEMS
     codec, k, v = payloads(name)
-    monkeypatch.setattr(kv_assembler.os, "sched_getaffinity", lambda pid: {0, 1})
-    helper, used = kv_assembler._helper(), []
-    monkeypatch.setattr(kv_assembler, "_helper", lambda: used.append(1) or helper)
+    monkeypatch.setattr(two_cores.os, "sched_getaffinity", lambda pid: {0, 1})
+    helper, used = two_cores._helper(), []
+    monkeypatch.setattr(two_cores, "_helper", lambda: used.append(1) or helper)
     k_rows, v_rows = kv_assembler.decode_kv(codec, memoryview(k), memoryview(v), T, C, cache_type, 64)
     assert used == ([] if codec.native_cache_type == cache_type else [1])  # pass-through stays on this thread
     assert bytes(k_rows) == bytes(codec.decode(memoryview(k), T, C, cache_type, "k", 64))
@@ -40,7 +41,7 @@ def test_a_bad_k_payload_on_the_helper_thread_raises_here():
 
 def test_on_one_cpu_both_decode_on_the_calling_thread(monkeypatch):
     codec, k, v = payloads("kivi4")
-    monkeypatch.setattr(kv_assembler.os, "sched_getaffinity", lambda pid: {0})
-    monkeypatch.setattr(kv_assembler, "_helper", lambda: pytest.fail("the helper thread was used on one CPU"))
+    monkeypatch.setattr(two_cores.os, "sched_getaffinity", lambda pid: {0})
+    monkeypatch.setattr(two_cores, "_helper", lambda: pytest.fail("the helper thread was used on one CPU"))
     k_rows, _ = kv_assembler.decode_kv(codec, memoryview(k), memoryview(v), T, C, "q8_0", 64)
     assert bytes(k_rows) == bytes(codec.decode(memoryview(k), T, C, "q8_0", "k", 64))

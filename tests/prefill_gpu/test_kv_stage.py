@@ -52,3 +52,23 @@ def test_keys_are_re_paired_for_llama_rope_and_values_kept(model_info, token_maj
         for j in (0, 1):
             assert got_k[1, 2, 2 * i + j] == x[0, 2, 1, j * d // 2 + i].item()
     assert np.array_equal(got_v, x[0].transpose(0, 1).numpy().astype(np.float16))
+
+
+@pytest.mark.parametrize("codec", ["f16+bp-zstd", "kivi4"])
+def test_a_long_layer_encodes_on_two_cores_only_on_the_host(model_info, codec, monkeypatch):
+    """encode_kv: a host encoder codes K on the helper thread (same bytes as one core); device encoders
+    stay on the thread that launches their kernels."""
+    from prefill_gpu.kv_encode import encode_kv
+    from wire import two_cores
+
+    num_tokens = 1024  # x 192 elements per row: past two_cores.MIN_ELEMS
+    monkeypatch.setattr(two_cores.os, "sched_getaffinity", lambda pid: {0, 1})
+    helper, used = two_cores._helper(), []
+    monkeypatch.setattr(two_cores, "_helper", lambda: used.append(1) or helper)
+    gen = torch.Generator().manual_seed(1)
+    k, v = (torch.randn(num_tokens, model_info.kv_row_elems, generator=gen) for _ in range(2))
+    k_pay, v_pay = encode_kv(codec, k, v, model_info.head_dim)
+    assert used == ([1] if codec in HOST_ENCODED else [])
+    assert torch.equal(k_pay.cpu(), ENCODERS[codec](k, "k", model_info.head_dim).cpu())
+    assert torch.equal(v_pay.cpu(), ENCODERS[codec](v, "v", model_info.head_dim).cpu())
+    assert not torch.equal(k_pay.cpu(), v_pay.cpu())

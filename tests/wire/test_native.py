@@ -1,4 +1,4 @@
-"""wire.native: the C kernels turning kivi4 payloads into f16 and q8_0 cache rows give the numpy path's
+"""wire.native: the C kernels (kivi4 payloads into f16 and q8_0 cache rows; f16 byte planes) give the numpy path's
 bytes."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from wire import codecs, native
+from wire import codecs, lossless, native
 from tests.wire.test_codecs import PROPS, kv_like
 
 F32 = np.float32
@@ -96,3 +96,24 @@ def test_arguments_the_kernel_cannot_take_are_an_error_not_a_crash():
         native.kivi4_to_q8_0(p, 8, 96, "k", 64)  # a row of 96 is not whole runs of 64
     with pytest.raises(ValueError, match="refused 0 x 96"):
         native.kivi4_to_f16(b"", 0, 96, "v")
+
+
+@needs_kernel
+@PROPS
+@given(st.integers(0, 3000), st.integers(0, 2**32 - 1))
+def test_byte_planes_split_and_join_as_numpy(n, seed):
+    f16s = np.random.default_rng(seed).integers(0, 1 << 16, n, dtype=np.uint16).view("<f2")
+    hi, lo = np.empty(n, np.uint8), np.empty(n, np.uint8)
+    assert native.f16_split_planes(f16s, hi, lo)
+    assert np.array_equal(hi, f16s.view(np.uint16) >> 8) and np.array_equal(lo, f16s.view(np.uint16) & 0xFF)
+    back = np.empty(n, "<f2")
+    assert native.f16_join_planes(hi, lo, back)
+    assert back.tobytes() == f16s.tobytes()
+
+
+def test_without_the_kernels_the_lossless_codec_keeps_its_bytes(monkeypatch):
+    x = np.random.default_rng(8).standard_normal((300, 192)).astype(np.float16)
+    with_kernels = lossless.encode_bp_zstd(x).tobytes()
+    monkeypatch.setattr(native, "_library", lambda: None)
+    assert lossless.encode_bp_zstd(x).tobytes() == with_kernels
+    assert lossless.decode_bp_zstd(with_kernels, x.size).tobytes() == x.tobytes()
