@@ -9,9 +9,9 @@
    kivi4_to_q8_0, one run of n elements (one head's rotation block) at a time:
      1. dequantize it: K: x = q * scale[g, c] + zero[g, c] (g = the token's group of 32, the last group
         longer); V: x = q * d + m (q4_1 blocks);
-     2. H_n: scale by 1/sqrt(n) first, then butterflies of stride 1, 2, 4 (inside each 8-lane vector,
-        by shuffles), then 8, 16, ... (between vectors): ggml_compute_forward_fwht's order, so the
-        float32 bits agree;
+     2. H_n: scale by 1/sqrt(n) first, then butterflies of stride 1, 2, 4 (inside each 8-lane vector:
+        a shuffle, a sign flip and an add each), then 8, 16, ... (between vectors):
+        ggml_compute_forward_fwht's order, so the float32 bits agree;
      3. q8_0 per block of 32: d = amax / 127 stored as f16, q = round-half-even(x * (127 / amax)),
         as ggml's x86 quantize_row_q8_0.
 
@@ -24,18 +24,22 @@
 #include <string.h>
 
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
-/* an AVX2 + F16C build next to the baseline one, picked at load time by the CPU */
-#define MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#define X86_CLONES 1
+/* x86 (GCC): the kernels are built for x86-64-v3 (AVX2, FMA, F16C; 2013 on) and used only on such a CPU
+   (kivi4_kernels_vectorized); the library itself loads anywhere. Widening bytes to floats and rounding
+   floats to f16 are intrinsics: GCC 12 turns both, written as vector extensions, into one scalar
+   conversion per element (the f16 rounding alone took 3/4 of kivi4_to_f16's time). */
+#include <immintrin.h>
+#define X86_V3 1
+#define KERNEL __attribute__((target("arch=x86-64-v3")))
 #else
-#define MULTIVERSION
-#define X86_CLONES 0
+#define X86_V3 0
+#define KERNEL
 #endif
 
 enum { GROUP = 32, MAX_RUN = 512, Q8_0_BYTES = 34, Q4_1_BYTES = 20 };
 
 typedef _Float16 f16;
-/* GCC/clang vector extensions: 8 lanes, one AVX register in the x86-64-v3 build, two SSE ones otherwise */
+/* GCC/clang vector extensions: 8 lanes, one AVX register on x86 */
 typedef float v8f __attribute__((vector_size(32)));
 typedef uint32_t v8u __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
@@ -44,11 +48,36 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 #else
 #define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (v8i){__VA_ARGS__})
 #endif
-/* lane-wise max of two v8u variables (a macro: a function passing AVX vectors by value would change
-   the calling convention between the two builds) */
-#define UMAX8(a, b) (((a) & (v8u)((a) > (b))) | ((b) & ~(v8u)((a) > (b))))
+#define UMAX8(a, b) (((a) & (v8u)((a) > (b))) | ((b) & ~(v8u)((a) > (b))))  /* lane-wise max */
+#define SIGN 0x80000000u
+#define INLINE static inline __attribute__((always_inline)) KERNEL
 
-static inline float f16_at(const uint8_t *p) {
+/* 8 nibbles as floats: the low ones of bytes[0..7], or their high ones. A group's 32 elements are the
+   low nibbles of its 16 bytes, then their high nibbles: elements 8h .. 8h + 7 are
+   nibbles(bytes + 8 * (h % 2), h / 2). */
+INLINE v8f nibbles(const uint8_t *bytes, int high) {
+#if X86_V3
+    __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)bytes));
+    w = high ? _mm256_srli_epi32(w, 4) : _mm256_and_si256(w, _mm256_set1_epi32(15));
+    return (v8f)_mm256_cvtepi32_ps(w);
+#else
+    v8f x;
+    for (int j = 0; j < 8; j++) x[j] = (float)(high ? bytes[j] >> 4 : bytes[j] & 15);
+    return x;
+#endif
+}
+
+/* floats [n] (n a multiple of 8) -> f16, rounded to nearest even */
+INLINE void store_f16(const float *x, int64_t n, f16 *out) {
+#if X86_V3
+    for (int64_t i = 0; i < n; i += 8)
+        _mm_storeu_si128((__m128i *)(out + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+#else
+    for (int64_t i = 0; i < n; i++) out[i] = (f16)x[i];
+#endif
+}
+
+INLINE float f16_at(const uint8_t *p) {
     f16 h;
     memcpy(&h, p, 2);
     return (float)h;
@@ -58,7 +87,7 @@ static inline float f16_at(const uint8_t *p) {
 static inline int64_t num_groups_of(int64_t num_tokens) { return num_tokens / GROUP > 0 ? num_tokens / GROUP : 1; }
 
 /* elements [e0, e0 + count) of a K payload (count a multiple of 32) -> out, in flat order */
-static inline void dequant_k(const uint8_t *payload, const float *scale, const float *zero, int64_t e0,
+INLINE void dequant_k(const uint8_t *payload, const float *scale, const float *zero, int64_t e0,
                              int64_t count, int64_t row_elems, int64_t num_groups, float *out) {
     for (int64_t e = e0; e < e0 + count; e += GROUP) {
         const uint8_t *nib = payload + e / GROUP * 16;
@@ -66,29 +95,30 @@ static inline void dequant_k(const uint8_t *payload, const float *scale, const f
         if (g > num_groups - 1) g = num_groups - 1;
         const int64_t at = g * row_elems + e % row_elems;
         const float *s = scale + at, *z = zero + at;
-        float *o = out + (e - e0);
-        for (int j = 0; j < 16; j++) {
-            o[j] = (float)(nib[j] & 15) * s[j] + z[j];
-            o[j + 16] = (float)(nib[j] >> 4) * s[j + 16] + z[j + 16];
+        for (int h = 0; h < 4; h++) {  /* elements 8h .. 8h + 7 */
+            v8f s8, z8;
+            memcpy(&s8, s + 8 * h, sizeof s8);
+            memcpy(&z8, z + 8 * h, sizeof z8);
+            const v8f x = nibbles(nib + 8 * (h & 1), h >> 1) * s8 + z8;
+            memcpy(out + (e - e0) + 8 * h, &x, sizeof x);
         }
     }
 }
 
 /* elements [e0, e0 + count) of a V payload (q4_1 blocks) -> out */
-static inline void dequant_v(const uint8_t *payload, int64_t e0, int64_t count, float *out) {
+INLINE void dequant_v(const uint8_t *payload, int64_t e0, int64_t count, float *out) {
     for (int64_t e = e0; e < e0 + count; e += GROUP) {
         const uint8_t *b = payload + e / GROUP * Q4_1_BYTES;
         const float d = f16_at(b), m = f16_at(b + 2);
-        float *o = out + (e - e0);
-        for (int j = 0; j < 16; j++) {
-            o[j] = (float)(b[4 + j] & 15) * d + m;
-            o[j + 16] = (float)(b[4 + j] >> 4) * d + m;
+        for (int h = 0; h < 4; h++) {  /* elements 8h .. 8h + 7 */
+            const v8f x = nibbles(b + 4 + 8 * (h & 1), h >> 1) * d + m;
+            memcpy(out + (e - e0) + 8 * h, &x, sizeof x);
         }
     }
 }
 
 /* K's f16 scales [G, C] then zeros [G, C] (after the nibbles) as one float32 array [2, G, C], or NULL */
-static float *key_params(const uint8_t *payload, int64_t num_tokens, int64_t row_elems) {
+KERNEL static float *key_params(const uint8_t *payload, int64_t num_tokens, int64_t row_elems) {
     const int64_t count = 2 * num_groups_of(num_tokens) * row_elems;
     float *params = malloc(count * sizeof(float));
     if (!params) return NULL;
@@ -98,7 +128,7 @@ static float *key_params(const uint8_t *payload, int64_t num_tokens, int64_t row
 }
 
 /* one K or V matrix ([num_tokens, row_elems]) -> f16 rows. Returns 0, or -1 on arguments it cannot take. */
-MULTIVERSION
+KERNEL
 int kivi4_to_f16(const uint8_t *payload, f16 *rows, int64_t num_tokens, int64_t row_elems, int is_key) {
     if (row_elems % GROUP || num_tokens <= 0) return -1;
     const int64_t num_elems = num_tokens * row_elems;
@@ -114,7 +144,7 @@ int kivi4_to_f16(const uint8_t *payload, f16 *rows, int64_t num_tokens, int64_t 
             dequant_k(payload, scale, zero, e0, count, row_elems, num_groups, tmp);
         else
             dequant_v(payload, e0, count, tmp);
-        for (int64_t i = 0; i < count; i++) rows[e0 + i] = (f16)tmp[i];
+        store_f16(tmp, count, rows + e0);
     }
     free(scale);
     return 0;
@@ -126,7 +156,7 @@ static inline float round_even(float x) { return (x + 0x1.8p23f) - 0x1.8p23f; }
 
 /* max |x| over a block of 32 floats (4 vectors): the largest bit pattern with the sign cleared, since
    for floats >= 0 the order of the patterns is the order of the values */
-static inline __attribute__((always_inline)) float block_amax(const v8f *x) {
+INLINE float block_amax(const v8f *x) {
     const v8u a = (v8u)x[0] & 0x7fffffffu, b = (v8u)x[1] & 0x7fffffffu;
     const v8u c = (v8u)x[2] & 0x7fffffffu, d = (v8u)x[3] & 0x7fffffffu;
     const v8u ab = UMAX8(a, b), cd = UMAX8(c, d);
@@ -141,7 +171,7 @@ static inline __attribute__((always_inline)) float block_amax(const v8f *x) {
 
 /* one K or V matrix ([num_tokens, row_elems], rotated in runs of n elements, n = 0 for no rotation) ->
    q8_0 rows. Returns 0, or -1 on arguments it cannot take. */
-MULTIVERSION
+KERNEL
 int kivi4_to_q8_0(const uint8_t *payload, uint8_t *rows, int64_t num_tokens, int64_t row_elems, int is_key,
                   int64_t n) {
     const int rotate = n > 0;
@@ -163,16 +193,14 @@ int kivi4_to_q8_0(const uint8_t *payload, uint8_t *rows, int64_t num_tokens, int
         else
             dequant_v(payload, r * n, n, x);
         if (rotate) {
-            /* strides 1, 2, 4 inside each vector: `p` holds each lane's partner, lane i takes
-               u + v (from `sum`) where i % 2h < h, else u - v (from `diff`) */
+            /* strides h = 1, 2, 4 inside each vector: lane i's partner p (lane i ^ h) plus lane i, its
+               sign flipped where i % 2h >= h: p + u = u + v below the stride, p - v = u - v above it
+               (the same floats: addition commutes, and x - y is x + (-y)) */
             for (int64_t i = 0; i < num_vectors; i++) {
-                v8f a = run[i] * unit, p, sum, diff;
-                p = SHUFFLE(a, a, 1, 0, 3, 2, 5, 4, 7, 6), sum = a + p, diff = p - a;
-                a = SHUFFLE(sum, diff, 0, 9, 2, 11, 4, 13, 6, 15);
-                p = SHUFFLE(a, a, 2, 3, 0, 1, 6, 7, 4, 5), sum = a + p, diff = p - a;
-                a = SHUFFLE(sum, diff, 0, 1, 10, 11, 4, 5, 14, 15);
-                p = SHUFFLE(a, a, 4, 5, 6, 7, 0, 1, 2, 3), sum = a + p, diff = p - a;
-                run[i] = SHUFFLE(sum, diff, 0, 1, 2, 3, 12, 13, 14, 15);
+                v8f a = run[i] * unit;
+                a = SHUFFLE(a, a, 1, 0, 3, 2, 5, 4, 7, 6) + (v8f)((v8u)a ^ (v8u){0, SIGN, 0, SIGN, 0, SIGN, 0, SIGN});
+                a = SHUFFLE(a, a, 2, 3, 0, 1, 6, 7, 4, 5) + (v8f)((v8u)a ^ (v8u){0, 0, SIGN, SIGN, 0, 0, SIGN, SIGN});
+                run[i] = SHUFFLE(a, a, 4, 5, 6, 7, 0, 1, 2, 3) + (v8f)((v8u)a ^ (v8u){0, 0, 0, 0, SIGN, SIGN, SIGN, SIGN});
             }
             for (int64_t h = 1; h < num_vectors; h *= 2)  /* strides 8h */
                 for (int64_t i = 0; i < num_vectors; i += 2 * h)
@@ -199,7 +227,7 @@ int kivi4_to_q8_0(const uint8_t *payload, uint8_t *rows, int64_t num_tokens, int
 /* f16 values [n] -> their high bytes [n] and low bytes [n] (the lossless codec's byte planes; wire/lossless.py).
    A loop GCC and clang vectorize by themselves: about 20 GB/s of f16 on one dev-box core, numpy's two
    strided copies about 4. */
-MULTIVERSION
+KERNEL
 void f16_split_planes(const uint8_t *restrict f16s, int64_t n, uint8_t *restrict hi, uint8_t *restrict lo) {
     for (int64_t i = 0; i < n; i++) {
         lo[i] = f16s[2 * i];
@@ -208,7 +236,7 @@ void f16_split_planes(const uint8_t *restrict f16s, int64_t n, uint8_t *restrict
 }
 
 /* the inverse: high bytes [n] and low bytes [n] -> f16 values [n] */
-MULTIVERSION
+KERNEL
 void f16_join_planes(const uint8_t *restrict hi, const uint8_t *restrict lo, int64_t n, uint8_t *restrict f16s) {
     for (int64_t i = 0; i < n; i++) {
         f16s[2 * i] = lo[i];
@@ -216,12 +244,12 @@ void f16_join_planes(const uint8_t *restrict hi, const uint8_t *restrict lo, int
     }
 }
 
-/* 1 where the kernels run as vectors. On an x86 CPU older than x86-64-v3 (before AVX2 and F16C, 2013),
-   or from a compiler without GCC's target_clones, the x86 build's 8-lane shuffles and f16 conversions
-   become scalar code slower than numpy (0.2 GB/s on the dev box): wire/native.py then leaves the work
-   to numpy. Elsewhere (aarch64: NEON, native f16) the kernels are taken to be fast; not measured. */
+/* 1 where the kernels may run: on x86, a CPU of x86-64-v3 or later, and a GCC build (a baseline x86
+   build's 8-lane shuffles and f16 conversions became scalar code slower than numpy, 0.2 GB/s on the dev
+   box). wire/native.py otherwise leaves the work to numpy. Elsewhere (aarch64: NEON, native f16) the
+   generic vector code is taken to be fast; not measured. */
 int kivi4_kernels_vectorized(void) {
-#if X86_CLONES
+#if X86_V3
     __builtin_cpu_init();
     return __builtin_cpu_supports("x86-64-v3");
 #elif defined(__x86_64__)

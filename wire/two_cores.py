@@ -19,10 +19,10 @@ T = TypeVar("T")
 MIN_ELEMS = 1 << 16
 
 
-def worth_it(num_elems: int) -> bool:
+def worth_it(num_elems: int, min_elems: int = MIN_ELEMS) -> bool:
     """Whether a pair of matrices of num_elems each should go to two cores: large enough, and this process
     may run on two CPUs (on one the hand-over only costs time)."""
-    return num_elems >= MIN_ELEMS and len(os.sched_getaffinity(0)) >= 2
+    return num_elems >= min_elems and len(os.sched_getaffinity(0)) >= 2
 
 
 @functools.cache
