@@ -62,9 +62,10 @@ def _timed(fn, repeats: int) -> list[float]:
 
 
 def measure_speed(rows: list, info, codec: str, cache_type: str, repeats: int) -> dict:
-    """Encode (the prefill worker's path: torch, and for f16+bp-zstd K and V of a layer on two host cores) and
-    decode (the decode worker's path) every layer's K and V of one prompt, `repeats` times. Decoding is timed twice: as the decode worker does it (K and V of a layer on two cores where the
-    codec converts, `decode_gbps`) and on one core (`decode_gbps_1core`)."""
+    """Encode (the prefill worker's path: torch, and for f16+bp-zstd K and V of a layer on two host cores)
+    and decode (the decode worker's path) every layer's K and V of one prompt, `repeats` times. Decoding is
+    timed twice: as the decode worker does it (K and V of a layer on two cores where the codec converts and
+    the layer is large enough, `decode_gbps`) and on one core (`decode_gbps_1core`)."""
     from decode_cpu.kv_assembler import decode_kv
     from prefill_gpu.kv_encode import encode_kv
     from wire.codecs import get_codec

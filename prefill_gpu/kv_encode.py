@@ -137,7 +137,8 @@ ENCODERS = {
 }
 
 
-def encode_kv(codec: str, k_rows: torch.Tensor, v_rows: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_kv(codec: str, k_rows: torch.Tensor, v_rows: torch.Tensor,
+              head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One layer's K and V rows ([T, C] each) -> their payloads. A host encoder codes them on two cores
     (wire.two_cores); device encoders stay on this thread, which launches their kernels."""
     encode = ENCODERS[codec]

@@ -200,7 +200,8 @@ int kivi4_to_q8_0(const uint8_t *payload, uint8_t *rows, int64_t num_tokens, int
                 v8f a = run[i] * unit;
                 a = SHUFFLE(a, a, 1, 0, 3, 2, 5, 4, 7, 6) + (v8f)((v8u)a ^ (v8u){0, SIGN, 0, SIGN, 0, SIGN, 0, SIGN});
                 a = SHUFFLE(a, a, 2, 3, 0, 1, 6, 7, 4, 5) + (v8f)((v8u)a ^ (v8u){0, 0, SIGN, SIGN, 0, 0, SIGN, SIGN});
-                run[i] = SHUFFLE(a, a, 4, 5, 6, 7, 0, 1, 2, 3) + (v8f)((v8u)a ^ (v8u){0, 0, 0, 0, SIGN, SIGN, SIGN, SIGN});
+                a = SHUFFLE(a, a, 4, 5, 6, 7, 0, 1, 2, 3) + (v8f)((v8u)a ^ (v8u){0, 0, 0, 0, SIGN, SIGN, SIGN, SIGN});
+                run[i] = a;
             }
             for (int64_t h = 1; h < num_vectors; h *= 2)  /* strides 8h */
                 for (int64_t i = 0; i < num_vectors; i += 2 * h)
