@@ -62,12 +62,15 @@ def _timed(fn, repeats: int) -> list[float]:
 
 
 def measure_speed(rows: list, info, codec: str, cache_type: str, repeats: int) -> dict:
-    """Encode (the prefill worker's path: torch, and for f16+bp-zstd K and V of a layer on two host cores)
-    and decode (the decode worker's path) every layer's K and V of one prompt, `repeats` times. Decoding is
-    timed twice: as the decode worker does it (K and V of a layer on two cores where the codec converts and
-    the layer is large enough, `decode_gbps`) and on one core (`decode_gbps_1core`)."""
+    """Encode (the prefill worker's path: torch; for f16+bp-zstd the f16 rows to the host, then the layers
+    pipelined over two codec threads) and decode (the decode worker's path) every layer's K and V of one
+    prompt, `repeats` times. Decoding is timed twice: as the decode worker does it (K and V of a layer on
+    two cores where the codec converts and the layer is large enough, `decode_gbps`) and on one core
+    (`decode_gbps_1core`)."""
+    import torch
+
     from decode_cpu.kv_assembler import decode_kv
-    from prefill_gpu.kv_encode import encode_kv
+    from prefill_gpu.kv_encode import HOST_ENCODED, encode_kv, host_encode_later
     from wire.codecs import get_codec
 
     wire_codec = get_codec(codec)
@@ -75,10 +78,12 @@ def measure_speed(rows: list, info, codec: str, cache_type: str, repeats: int) -
     f16_bytes = len(rows) * 2 * num_tokens * c * 2
 
     def encode_all():
+        if codec in HOST_ENCODED:  # as the prefill worker: f16 rows to the host, layers pipelined on two threads
+            pending = [host_encode_later(codec, *(x.to(torch.float16).cpu().numpy() for x in kv), info.head_dim)
+                       for kv in rows]
+            return [torch.from_numpy(p.result()) for pair in pending for p in pair]
         out = [p for k, v in rows for p in encode_kv(codec, k, v, info.head_dim)]
         if out[-1].device.type == "cuda":
-            import torch
-
             torch.cuda.synchronize()
         return out
 

@@ -5,12 +5,15 @@ reference there, so every step below is the same float32 arithmetic in the same 
 
     ENCODERS[name](rows [T, C] float, role "k"|"v", head_dim) -> 1-D payload tensor (same device;
                                                                       HOST_ENCODED: on the host)
-    encode_kv(name, K rows, V rows, head_dim) -> (K payload, V payload): a layer, as the worker encodes it
+    encode_kv(name, K rows, V rows, head_dim) -> (K payload, V payload): one layer
+    host_encode_later(name, K f16 host rows, V f16 host rows, ...) -> (Future, Future): the prefill worker's
+        way for HOST_ENCODED codecs, which it stages as f16 first
 """
 
 from __future__ import annotations
 
 import functools
+from concurrent.futures import Future
 
 import numpy as np
 import torch
@@ -139,14 +142,31 @@ ENCODERS = {
 
 def encode_kv(codec: str, k_rows: torch.Tensor, v_rows: torch.Tensor,
               head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's K and V rows ([T, C] each) -> their payloads. A host encoder codes them on two cores
-    (wire.two_cores); device encoders stay on this thread, which launches their kernels."""
-    encode = ENCODERS[codec]
-    k_pay = functools.partial(encode, k_rows, "k", head_dim)
-    v_pay = functools.partial(encode, v_rows, "v", head_dim)
-    if codec not in HOST_ENCODED or not two_cores.worth_it(k_rows.numel()):
-        return k_pay(), v_pay()
-    return two_cores.k_and_v(k_pay, v_pay)
+    """One layer's K and V rows ([T, C] each) -> their payloads. Device encoders run on this thread, which
+    launches their kernels; a host encoder's f16 rows go to the host and are coded on the two codec
+    threads (host_encode_later)."""
+    if codec not in HOST_ENCODED:
+        encode = ENCODERS[codec]
+        return encode(k_rows, "k", head_dim), encode(v_rows, "v", head_dim)
+    k_host, v_host = (r.to(torch.float16).cpu().numpy() for r in (k_rows, v_rows))
+    k_pay, v_pay = host_encode_later(codec, k_host, v_host, head_dim)
+    return torch.from_numpy(k_pay.result()), torch.from_numpy(v_pay.result())
+
+
+def host_encode_later(codec: str, k_host: np.ndarray, v_host: np.ndarray, head_dim: int,
+                      copied=None) -> tuple[Future, Future]:
+    """A host-encoded codec's payloads of one layer (uint8 arrays) from its f16 rows in host memory ([T, C]
+    each), as Futures: coded on the two codec threads while the caller goes on (wire.two_cores.later),
+    after `copied` (a torch.cuda.Event, or None) has fired, since the rows are still on their way."""
+    wire_codec = codecs.get_codec(codec)
+
+    def code(rows: np.ndarray, role: str) -> np.ndarray:
+        if copied is not None:
+            copied.synchronize()
+        return wire_codec.encode(rows, role, head_dim)
+
+    return (two_cores.later(functools.partial(code, k_host, "k"), k_host.size),
+            two_cores.later(functools.partial(code, v_host, "v"), v_host.size))
 
 
 def to_host(t: torch.Tensor) -> tuple[torch.Tensor, object]:

@@ -13,25 +13,30 @@ straight into views of one pinned buffer per request, 6 ms). So:
                     tensor, then one device-to-host copy of the layer's K and V together (launch
                     time alone, H200 box: 40 us per layer, against 67 with a copy per tensor that
                     casts and permutes on its way to the host); on a CPU: one copy per tensor;
-                    other codecs: encode on the device, one device-to-host copy per tensor;
-                    one event per layer, which the sender checks or waits on before it reads.
+                    device encoders (q8_0, q4_0, kivi4): encode on the device, one device-to-host
+                    copy per tensor; host encoders (f16+bp-zstd): staged as f16, then coded on the
+                    two codec threads while the forward pass goes on (wire.two_cores), the layer's
+                    payloads handed on as Futures;
+                    one event per layer, which the sender (or a codec thread) checks or waits on
+                    before it reads.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from typing import NamedTuple
 
 import torch
 
 from homelab_disagg.model import ModelInfo
-from prefill_gpu.kv_encode import HOST_ENCODED, encode_kv
+from prefill_gpu.kv_encode import HOST_ENCODED, encode_kv, host_encode_later
 from prefill_gpu.kv_layout import token_major
 from wire import codecs
 
 
 class StagedLayer(NamedTuple):
-    k: memoryview  # the K payload
-    v: memoryview  # the V payload
+    k: memoryview | Future  # the K payload (a host encoder's: a Future of it)
+    v: memoryview | Future  # the V payload
     copied: torch.cuda.Event | None  # after it the payloads hold the data (None: they do now)
 
 
@@ -52,17 +57,15 @@ class KvStaging:
     def begin(self, codec: str, num_tokens: int) -> None:
         info, t = self.info, num_tokens
         self.codec, self.num_tokens = codec, num_tokens
-        if codec in HOST_ENCODED:
-            self.host = None
-            return
-        self.k_nbytes = codecs.get_codec(codec).payload_bytes(t, info.kv_row_elems, "k")
-        self.v_nbytes = codecs.get_codec(codec).payload_bytes(t, info.kv_row_elems, "v")
+        staged = "f16" if codec in HOST_ENCODED else codec  # a host encoder starts from the f16 rows
+        self.k_nbytes = codecs.get_codec(staged).payload_bytes(t, info.kv_row_elems, "k")
+        self.v_nbytes = codecs.get_codec(staged).payload_bytes(t, info.kv_row_elems, "v")
         # a fresh buffer per request: the previous one is still referenced by frames the socket has
         # not sent yet, and goes back to torch's pinned-memory cache once they are
         self.host = torch.empty((info.num_layers, self.k_nbytes + self.v_nbytes), dtype=torch.uint8,
                                 pin_memory=self.on_gpu)
         self.host_np = self.host.numpy()  # payload memoryviews by numpy indexing, far cheaper than torch's
-        if codec == "f16":  # per layer [(K, V), T, H_kv, D/2, 2]: token_major's shape
+        if staged == "f16":  # per layer [(K, V), T, H_kv, D/2, 2]: token_major's shape
             shape = (info.num_layers, 2, t, info.num_kv_heads, info.head_dim // 2, 2)
             f16_host = self.host.view(torch.float16).view(shape)
             f16_dev = torch.empty(shape, dtype=torch.float16, device=self.device) if self.on_gpu else f16_host
@@ -70,10 +73,11 @@ class KvStaging:
             self.f16_layers = [(dev, dev.unbind(0), host) for dev, host in zip(f16_dev.unbind(0), f16_host.unbind(0))]
 
     def stage(self, i: int, k: torch.Tensor, v: torch.Tensor) -> StagedLayer:
-        """Layer i's cache tensors ([1, H_kv, T, D] each) -> its payloads in host memory."""
+        """Layer i's cache tensors ([1, H_kv, T, D] each) -> its payloads in host memory (a host encoder's:
+        Futures of them, coded on the two codec threads once the f16 rows have landed)."""
         t, layout = self.num_tokens, self.info.rope_layout
         k_rows, v_rows = token_major(k, t, layout), token_major(v, t)  # views, [T, H_kv, D/2, 2] each
-        if self.codec == "f16":  # never host-encoded: the request has its buffers
+        if self.codec == "f16" or self.codec in HOST_ENCODED:
             layer, (k_dst, v_dst), host = self.f16_layers[i]
             k_dst.copy_(k_rows)  # permute + cast
             v_dst.copy_(v_rows)
@@ -82,8 +86,6 @@ class KvStaging:
         else:
             hd = self.info.head_dim
             k_pay, v_pay = encode_kv(self.codec, k_rows.reshape(t, -1), v_rows.reshape(t, -1), hd)
-            if self.host is None:  # encoded on the host: the payloads are host memory already
-                return StagedLayer(_bytes(k_pay), _bytes(v_pay), None)
             self.host[i, : self.k_nbytes].copy_(k_pay, non_blocking=True)
             self.host[i, self.k_nbytes :].copy_(v_pay, non_blocking=True)
         event = None
@@ -91,8 +93,7 @@ class KvStaging:
             event = self.events[i]
             event.record()
         row = self.host_np[i]
+        if self.codec in HOST_ENCODED:
+            k_f16, v_f16 = (x.view("<f2").reshape(t, -1) for x in (row[: self.k_nbytes], row[self.k_nbytes :]))
+            return StagedLayer(*host_encode_later(self.codec, k_f16, v_f16, self.info.head_dim, event), None)
         return StagedLayer(row[: self.k_nbytes].data, row[self.k_nbytes :].data, event)
-
-
-def _bytes(t: torch.Tensor) -> memoryview:
-    return t.cpu().contiguous().view(torch.uint8).numpy().data

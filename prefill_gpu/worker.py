@@ -99,14 +99,14 @@ class PrefillWorker:
         num_tokens = len(req.token_ids)
         tracker = SendTracker()
         held: list[transport.LayerJob] = []
-        encode_s, bytes_wire = 0.0, 0
+        encode_s, payloads = 0.0, []  # payloads: for bytes_wire, once sent (a host encoder's are Futures)
         self.staging.begin(req.codec, num_tokens)
 
         def on_layer(i, k, v):
-            nonlocal encode_s, bytes_wire
+            nonlocal encode_s
             t0 = time.perf_counter()
             staged = self.staging.stage(i, k, v)
-            bytes_wire += staged.k.nbytes + staged.v.nbytes
+            payloads.extend((staged.k, staged.v))
             header = frame.FrameHeader(
                 req.request_id, self.info.fingerprint, codec.codec_id, i, self.info.num_layers,
                 num_tokens, self.info.kv_row_elems, 0, 0,
@@ -140,7 +140,7 @@ class PrefillWorker:
             send_ms=(tracker.last_s - tracker.first_s) * 1e3,
             total_ms=(tracker.last_s - t_start) * 1e3,
             bytes_raw=self.info.kv_row_elems * 2 * 2 * self.info.num_layers * num_tokens,
-            bytes_wire=bytes_wire,
+            bytes_wire=sum(memoryview(transport.payload(p)).nbytes for p in payloads),
             device=str(self.engine.device),
             first_token=first_token,
         )

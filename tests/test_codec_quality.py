@@ -11,7 +11,8 @@
 (b') why the float judge: on the deployed Q4_1 weights llama.cpp rounds activations to 8 bits, so a
     single last-bit change in one K element of 10,000 already costs as much as q8_0 there.
 (c) the real path: PrefillWorker.prefill with codec q8_0 streams over ZeroMQ TCP, the decode side
-    assembles into q8_0 rows (no re-layout) and a q8_0 llama.cpp context continues from them.
+    assembles into q8_0 rows (no re-layout) and a q8_0 llama.cpp context continues from them; the
+    same with the lossless f16+bp-zstd into an f16 context.
 """
 
 from __future__ import annotations
@@ -161,8 +162,12 @@ def test_codecs_injected_quality_on_the_real_model(judge, quant_judges, float_ju
 
 
 @needs_torch
-def test_prefill_worker_streams_q8_0_over_zmq_into_a_q8_0_context(judge, quant_judges, torch_engine, model_path,
-                                                                    model_info, quality_texts):
+@pytest.mark.parametrize("codec,cache_type", [("q8_0", "q8_0"), ("f16+bp-zstd", "f16")])
+def test_prefill_worker_streams_over_zmq_into_a_context_of_the_codecs_cache(judge, quant_judges, torch_engine,
+                                                                            model_path, model_info, quality_texts,
+                                                                            codec, cache_type):
+    """q8_0: staged on the prefill device, laid in as q8_0 rows; f16+bp-zstd: staged as f16, coded on the
+    prefill worker's codec threads while its forward pass goes on, decoded into an f16 cache."""
     from decode_cpu import kv_assembler
     from homelab_disagg.config import PrefillWorkerConfig
     from homelab_disagg.quality import codec_state, compare, torch_layer_rows
@@ -170,35 +175,41 @@ def test_prefill_worker_streams_q8_0_over_zmq_into_a_q8_0_context(judge, quant_j
     from wire import codecs, frame, transport
     from wire.messages import Prefill, PrefillDone
 
-    q8 = quant_judges["q8_0"]
+    target = quant_judges["q8_0"] if cache_type == "q8_0" else judge
     zctx = zmq.Context()
     pull = transport.bind_kv_pull(zctx, "tcp://127.0.0.1:0")
     kv_addr = pull.getsockopt(zmq.LAST_ENDPOINT).decode()
     # the worker's engine on the fixture engine's device, so the two compute the same KV bits
     worker = PrefillWorker(PrefillWorkerConfig(model_path, control_addr="tcp://127.0.0.1:0",
                                                device=torch_engine.device.type), "t")
-    geom = kv_assembler.Geometry(model_info.fingerprint, model_info.num_layers, model_info.kv_row_elems, "q8_0",
-                                 q8.ctx.n_stream, model_info.head_dim)
+    geom = kv_assembler.Geometry(model_info.fingerprint, model_info.num_layers, model_info.kv_row_elems, cache_type,
+                                 target.ctx.n_stream, model_info.head_dim)
     try:
         for ids, split in quality_texts[:1]:
             prefix = ids[: split - 1]
-            done = worker.prefill(Prefill(b"\x07" * 16, prefix, kv_addr, "q8_0", True))
+            done = worker.prefill(Prefill(b"\x07" * 16, prefix, kv_addr, codec, True))
             assert isinstance(done, PrefillDone), done
-            assert done.bytes_wire == 2 * model_info.num_layers * codecs.Q8_0.payload_bytes(len(prefix), geom.row_elems)
+            f16_bytes = 2 * model_info.num_layers * len(prefix) * geom.row_elems * 2
+            if codec == "q8_0":
+                assert done.bytes_wire == 2 * model_info.num_layers * codecs.Q8_0.payload_bytes(len(prefix),
+                                                                                               geom.row_elems)
+            else:  # lossless: what zstd saves on the high bytes
+                assert 0.5 * f16_bytes < done.bytes_wire < 0.95 * f16_bytes
             asm = None
             for _ in range(model_info.num_layers):
                 assert pull.poll(10_000), "a KV layer did not arrive"
                 h, k, v = frame.decode_message(pull.recv_multipart())
-                assert h.codec == codecs.Q8_0.codec_id
+                assert h.codec == codecs.get_codec(codec).codec_id
                 asm = asm or kv_assembler.start_assembly(geom, h)
                 kv_assembler.add_layer(geom, asm, h, k, v)
             assert asm.complete and asm.bytes_wire == done.bytes_wire
-            # the assembled buffer is exactly the codec path's: q8_0 payloads laid in as they came
-            want, _ = codec_state(torch_layer_rows(torch_engine, model_info, prefix), model_info, q8.ctx.n_stream,
-                                  "q8_0", "q8_0")
+            # the assembled buffer is exactly the codec path's (f16+bp-zstd: the f16 rows themselves)
+            want, _ = codec_state(torch_layer_rows(torch_engine, model_info, prefix), model_info,
+                                  target.ctx.n_stream, cache_type, codec)
             assert bytes(asm.buf) == bytes(want)
-            got = compare(judge.reference(ids, split), q8.after_injection(ids, split, asm.buf), np.array(ids[split:]))
-            print(f"q8_0 over ZeroMQ into a q8_0 context: top1={got.top1:.4f} kl={got.kl:.5f} "
+            got = compare(judge.reference(ids, split), target.after_injection(ids, split, asm.buf),
+                          np.array(ids[split:]))
+            print(f"{codec} over ZeroMQ into a {cache_type} context: top1={got.top1:.4f} kl={got.kl:.5f} "
                   f"first token equal={got.first_token_equal}")
             assert got.top1 >= 0.9 and got.kl < 0.02
     finally:

@@ -16,6 +16,7 @@ import ctypes
 import queue
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -85,16 +86,22 @@ class CopyEvent(Protocol):
 @dataclass
 class LayerJob:
     """One layer to send. `copied`, where given, marks when the host buffers hold the data: the sender
-    waits on it only if it has not fired yet (each wait is a GIL hand-over on a GPU worker). `abort`
-    sends an abort frame for header.request_id instead (the decode side frees the slot)."""
+    waits on it only if it has not fired yet (each wait is a GIL hand-over on a GPU worker). A payload
+    may also be a Future of one, still being coded on another thread (a host encoder's). `abort` sends
+    an abort frame for header.request_id instead (the decode side frees the slot)."""
 
     addr: str
     header: frame.FrameHeader
-    k_payload: object = b""
+    k_payload: object = b""  # bytes-like, or a Future of it
     v_payload: object = b""
     copied: CopyEvent | None = None
     on_sent: Callable[[float, Exception | None], None] | None = None  # hand-over time or error
     abort: bool = False
+
+
+def payload(p):
+    """A LayerJob's payload, waited for if it is still a Future (its coding error raises here)."""
+    return p.result() if isinstance(p, Future) else p
 
 
 class KvSender:
@@ -179,7 +186,7 @@ class KvSender:
             if job.abort:
                 parts = frame.encode_abort(job.header.request_id, job.header.fingerprint)
             else:
-                parts = frame.encode_layer(job.header, job.k_payload, job.v_payload)
+                parts = frame.encode_layer(job.header, payload(job.k_payload), payload(job.v_payload))
             self._socket(job.addr).send_multipart(parts, copy=self._copy)
             if job.on_sent is not None:
                 job.on_sent(time.perf_counter(), None)

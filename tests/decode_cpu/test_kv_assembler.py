@@ -20,8 +20,8 @@ def payloads(name: str, t: int = T):
 
 def count_helper_use(monkeypatch) -> list:
     monkeypatch.setattr(two_cores.os, "sched_getaffinity", lambda pid: {0, 1})
-    helper, used = two_cores._helper(), []
-    monkeypatch.setattr(two_cores, "_helper", lambda: used.append(1) or helper)
+    helper, used = two_cores._pool(), []
+    monkeypatch.setattr(two_cores, "_pool", lambda: used.append(1) or helper)
     return used
 
 
@@ -57,6 +57,6 @@ def test_a_bad_k_payload_on_the_helper_thread_raises_here():
 def test_on_one_cpu_both_decode_on_the_calling_thread(monkeypatch):
     codec, k, v = payloads("kivi4")
     monkeypatch.setattr(two_cores.os, "sched_getaffinity", lambda pid: {0})
-    monkeypatch.setattr(two_cores, "_helper", lambda: pytest.fail("the helper thread was used on one CPU"))
+    monkeypatch.setattr(two_cores, "_pool", lambda: pytest.fail("the helper thread was used on one CPU"))
     k_rows, _ = kv_assembler.decode_kv(codec, memoryview(k), memoryview(v), T, C, "q8_0", 64)
     assert bytes(k_rows) == bytes(codec.decode(memoryview(k), T, C, "q8_0", "k", 64))

@@ -1,5 +1,7 @@
 """KvStaging writes exactly the payloads of the per-tensor path (layer rows -> encoder), every codec."""
 
+from concurrent.futures import Future
+
 import numpy as np
 import pytest
 
@@ -8,6 +10,7 @@ torch = pytest.importorskip("torch", reason="torch is not installed (the `prefil
 from prefill_gpu.kv_encode import ENCODERS, HOST_ENCODED  # noqa: E402
 from prefill_gpu.kv_layout import layer_rows  # noqa: E402
 from prefill_gpu.kv_stage import KvStaging  # noqa: E402
+from wire import transport  # noqa: E402
 
 
 @pytest.mark.parametrize("codec", sorted(ENCODERS))
@@ -25,6 +28,8 @@ def test_staged_payloads_equal_the_encoders_own(model_info, codec):
                 k, v = (torch.randn(1, h, num_tokens + 3, d, generator=gen).to(dtype).to(device) for _ in range(2))
                 k_pay, v_pay, event = staging.stage(i, k, v)
                 assert (event is not None) == (device == "cuda" and codec not in HOST_ENCODED)
+                assert isinstance(k_pay, Future) == (codec in HOST_ENCODED)  # coded on the codec threads
+                k_pay, v_pay = transport.payload(k_pay), transport.payload(v_pay)
                 if event is not None:
                     event.synchronize()
                 k_rows, v_rows = layer_rows(k, v, num_tokens, model_info.rope_layout)
@@ -56,19 +61,19 @@ def test_keys_are_re_paired_for_llama_rope_and_values_kept(model_info, token_maj
 
 @pytest.mark.parametrize("codec", ["f16+bp-zstd", "kivi4"])
 def test_a_long_layer_encodes_on_two_cores_only_on_the_host(model_info, codec, monkeypatch):
-    """encode_kv: a host encoder codes K on the helper thread (same bytes as one core); device encoders
-    stay on the thread that launches their kernels."""
+    """encode_kv: a host encoder codes K and V on the codec threads (same bytes as one core); device
+    encoders stay on the thread that launches their kernels."""
     from prefill_gpu.kv_encode import encode_kv
     from wire import two_cores
 
     num_tokens = 1024  # x 192 elements per row: past two_cores.MIN_ELEMS
     monkeypatch.setattr(two_cores.os, "sched_getaffinity", lambda pid: {0, 1})
-    helper, used = two_cores._helper(), []
-    monkeypatch.setattr(two_cores, "_helper", lambda: used.append(1) or helper)
+    helper, used = two_cores._pool(), []
+    monkeypatch.setattr(two_cores, "_pool", lambda: used.append(1) or helper)
     gen = torch.Generator().manual_seed(1)
     k, v = (torch.randn(num_tokens, model_info.kv_row_elems, generator=gen) for _ in range(2))
     k_pay, v_pay = encode_kv(codec, k, v, model_info.head_dim)
-    assert used == ([1] if codec in HOST_ENCODED else [])
+    assert used == ([1, 1] if codec in HOST_ENCODED else [])
     assert torch.equal(k_pay.cpu(), ENCODERS[codec](k, "k", model_info.head_dim).cpu())
     assert torch.equal(v_pay.cpu(), ENCODERS[codec](v, "v", model_info.head_dim).cpu())
     assert not torch.equal(k_pay.cpu(), v_pay.cpu())

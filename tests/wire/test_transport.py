@@ -117,3 +117,32 @@ def test_a_layer_already_copied_is_not_waited_for():
     assert [frame.decode_message(pull.recv_multipart())[0].layer for _ in range(2) if pull.poll(5000)] == [0, 1]
     sender.close()
     ctx.destroy(linger=0)
+
+
+def test_payloads_still_being_coded_are_waited_for_and_a_coding_error_fails_the_layer():
+    """A host encoder hands its payloads on as Futures: the sender sends what they resolve to, and a
+    payload whose coding failed fails that layer's send (on_sent gets the error) without a frame."""
+    from concurrent.futures import Future
+
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    addr = f"tcp://127.0.0.1:{port}"
+    sender = transport.KvSender(ctx)
+    k, v, bad = Future(), Future(), Future()
+    errors = []
+    sender.submit(transport.LayerJob(addr, header(b"f" * 16, 0), k, v, on_sent=lambda t, e: errors.append(e)))
+    sender.submit(transport.LayerJob(addr, header(b"g" * 16, 0), bad, b"v", on_sent=lambda t, e: errors.append(e)))
+    time.sleep(0.2)
+    assert not pull.poll(100)  # nothing goes out before the payloads exist
+    k.set_result(b"k" * 8)
+    v.set_result(bytearray(b"v" * 4))
+    bad.set_exception(ValueError("zstd failed"))
+    sender.flush()
+    assert pull.poll(5000)
+    h, got_k, got_v = frame.decode_message(pull.recv_multipart())
+    assert (h.request_id, bytes(got_k), bytes(got_v)) == (b"f" * 16, b"k" * 8, b"v" * 4)
+    assert errors[0] is None and isinstance(errors[1], ValueError)
+    assert not pull.poll(200)  # the failed layer sent nothing
+    sender.close()
+    ctx.destroy(linger=0)
