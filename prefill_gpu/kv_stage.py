@@ -49,7 +49,7 @@ class KvStaging:
         # recorded again by each request; a sender still waiting on one for an earlier (failed) request
         # only waits a little longer, for a copy into the next request's buffer
         self.events = [torch.cuda.Event() for _ in range(info.num_layers)] if self.on_gpu else []
-        self.codec = "f16"
+        self.codec = self.staged = "f16"  # the request's codec, and what is staged for it
         self.num_tokens = 0
         self.k_nbytes = self.v_nbytes = 0
         self.host: torch.Tensor | None = None  # [layers, k_nbytes + v_nbytes] uint8
@@ -57,7 +57,7 @@ class KvStaging:
     def begin(self, codec: str, num_tokens: int) -> None:
         info, t = self.info, num_tokens
         self.codec, self.num_tokens = codec, num_tokens
-        staged = "f16" if codec in HOST_ENCODED else codec  # a host encoder starts from the f16 rows
+        self.staged = staged = "f16" if codec in HOST_ENCODED else codec  # a host encoder starts from f16 rows
         self.k_nbytes = codecs.get_codec(staged).payload_bytes(t, info.kv_row_elems, "k")
         self.v_nbytes = codecs.get_codec(staged).payload_bytes(t, info.kv_row_elems, "v")
         # a fresh buffer per request: the previous one is still referenced by frames the socket has
@@ -77,7 +77,7 @@ class KvStaging:
         Futures of them, coded on the two codec threads once the f16 rows have landed)."""
         t, layout = self.num_tokens, self.info.rope_layout
         k_rows, v_rows = token_major(k, t, layout), token_major(v, t)  # views, [T, H_kv, D/2, 2] each
-        if self.codec == "f16" or self.codec in HOST_ENCODED:
+        if self.staged == "f16":
             layer, (k_dst, v_dst), host = self.f16_layers[i]
             k_dst.copy_(k_rows)  # permute + cast
             v_dst.copy_(v_rows)
@@ -93,7 +93,7 @@ class KvStaging:
             event = self.events[i]
             event.record()
         row = self.host_np[i]
-        if self.codec in HOST_ENCODED:
+        if self.staged != self.codec:  # a host encoder's: coded from here on the codec threads
             k_f16, v_f16 = (x.view("<f2").reshape(t, -1) for x in (row[: self.k_nbytes], row[self.k_nbytes :]))
             return StagedLayer(*host_encode_later(self.codec, k_f16, v_f16, self.info.head_dim, event), None)
         return StagedLayer(row[: self.k_nbytes].data, row[self.k_nbytes :].data, event)

@@ -2,6 +2,8 @@
 
     request -> forward pass, per layer: encode (on device) -> D2H into the request's host buffer
                                         -> sender thread -> PUSH
+                                        (a host encoder: f16 D2H, then coded on two codec threads
+                                        while the forward pass goes on; the sender waits for them)
             [-> the greedy next token, when asked: PrefillDone.first_token]
 
 The forward pass never waits for the network unless the sender's bounded queue is full
