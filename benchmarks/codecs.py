@@ -70,7 +70,7 @@ def measure_speed(rows: list, info, codec: str, cache_type: str, repeats: int) -
     import torch
 
     from decode_cpu.kv_assembler import decode_kv
-    from prefill_gpu.kv_encode import HOST_ENCODED, encode_kv, host_encode_later
+    from prefill_gpu.kv_encode import HOST_ENCODED, encode_kv, host_encode_later, host_f16
     from wire.codecs import get_codec
 
     wire_codec = get_codec(codec)
@@ -79,8 +79,7 @@ def measure_speed(rows: list, info, codec: str, cache_type: str, repeats: int) -
 
     def encode_all():
         if codec in HOST_ENCODED:  # as the prefill worker: f16 rows to the host, layers pipelined on two threads
-            pending = [host_encode_later(codec, *(x.to(torch.float16).cpu().numpy() for x in kv), info.head_dim)
-                       for kv in rows]
+            pending = [host_encode_later(codec, host_f16(k), host_f16(v), info.head_dim) for k, v in rows]
             return [torch.from_numpy(p.result()) for pair in pending for p in pair]
         out = [p for k, v in rows for p in encode_kv(codec, k, v, info.head_dim)]
         if out[-1].device.type == "cuda":

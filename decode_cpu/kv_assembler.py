@@ -1,10 +1,11 @@
 """Turns one request's stream of KV frames into a llama.cpp sequence state buffer.
 
 Layers must arrive in order 0..n_layer-1 (one PUSH socket per sender keeps order; anything else
-is an error, not something to reorder). Each layer is decoded by its codec straight into its
-place in the final buffer, so assembling costs one copy per byte and the buffer is ready for
-`llama_state_seq_set_data` the moment the last layer lands. A layer whose codec must convert (kivi4
-into a q8_0 cache, say) decodes its K and V on two cores.
+is an error, not something to reorder). Each layer's rows are written once, into their place in
+the final buffer: a payload that already is the cache's rows by one copy, kivi4 (in C) and
+f16+bp-zstd into an f16 cache by their decoders (the numpy conversions decode, then copy), and the
+buffer is ready for `llama_state_seq_set_data` the moment the last layer lands. A layer whose codec
+must convert (kivi4 into a q8_0 cache, say) decodes its K and V on two cores.
 """
 
 from __future__ import annotations
@@ -74,19 +75,22 @@ def add_layer(geom: Geometry, asm: Assembly, h: frame.FrameHeader, k_payload, v_
     if h.num_tokens != asm.layout.num_cells:
         raise frame.GeometryMismatch(f"layer {h.layer} carries {h.num_tokens} tokens, layer 0 carried {asm.layout.num_cells}")
     codec = codecs.codec_by_id(h.codec)
-    k_rows, v_rows = decode_kv(codec, k_payload, v_payload, h.num_tokens, h.row_elems, geom.cache_type, geom.head_dim)
-    asm.layout.put_layer(asm.buf, h.layer, k_rows, v_rows)
+    k_out, v_out = asm.layout.layer_rows(asm.buf, h.layer)  # a codec that can decodes straight into place
+    k_rows, v_rows = decode_kv(codec, k_payload, v_payload, h.num_tokens, h.row_elems, geom.cache_type, geom.head_dim,
+                               k_out, v_out)
+    asm.layout.put_layer(asm.buf, h.layer, k_rows, v_rows)  # copies only rows not already in place
     asm.next_layer += 1
     asm.bytes_wire += len(k_payload) + len(v_payload)
     asm.last_frame_s = time.perf_counter()
 
 
 def decode_kv(codec: codecs.Codec, k_payload, v_payload, num_tokens: int, row_elems: int, cache_type: str,
-              head_dim: int):
-    """One layer's payloads -> (K rows, V rows) of `cache_type`, on two cores where the codec converts
-    (wire.two_cores); a pass-through payload is only a view, with nothing to share."""
-    k_rows = functools.partial(codec.decode, k_payload, num_tokens, row_elems, cache_type, "k", head_dim)
-    v_rows = functools.partial(codec.decode, v_payload, num_tokens, row_elems, cache_type, "v", head_dim)
+              head_dim: int, k_out=None, v_out=None):
+    """One layer's payloads -> (K rows, V rows) of `cache_type` (written into k_out / v_out where the codec
+    can: Codec.decode), on two cores where the codec converts (wire.two_cores); a pass-through payload is
+    only a view, with nothing to share."""
+    k_rows = functools.partial(codec.decode, k_payload, num_tokens, row_elems, cache_type, "k", head_dim, k_out)
+    v_rows = functools.partial(codec.decode, v_payload, num_tokens, row_elems, cache_type, "v", head_dim, v_out)
     # kivi4 into f16 in C costs ~0.2 ns per element on a dev-box core (36 us for a 1024-token matrix of the
     # default model), less than handing K over (50-90 us there); every other conversion costs >= 0.7
     fast = codec is codecs.KIVI4 and cache_type == "f16" and native.available()

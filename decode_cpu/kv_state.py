@@ -99,15 +99,24 @@ class StateLayout:
         # the other streams: empty (cell_count 0), already zero
         return buf
 
-    def put_layer(self, buf: bytearray, layer: int, k_rows, v_rows) -> None:
-        """Copy one layer's rows (bytes-like, num_cells rows each) into place."""
+    def layer_rows(self, buf: bytearray, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Where one layer's K and V rows go in buf: writable uint8 views, num_cells rows each."""
         nk, nv = self.num_cells * self.k_row_bytes, self.num_cells * self.v_row_bytes
-        k_rows, v_rows = memoryview(k_rows).cast("B"), memoryview(v_rows).cast("B")
-        if k_rows.nbytes != nk or v_rows.nbytes != nv:
-            raise StateLayoutError(f"layer {layer}: got {k_rows.nbytes}+{v_rows.nbytes} bytes of rows, expected {nk}+{nv}")
+        whole = np.frombuffer(buf, dtype=np.uint8)
         ko, vo = self.k_offset(layer), self.v_offset(layer)
-        buf[ko : ko + nk] = k_rows
-        buf[vo : vo + nv] = v_rows
+        return whole[ko : ko + nk], whole[vo : vo + nv]
+
+    def put_layer(self, buf: bytearray, layer: int, k_rows, v_rows) -> None:
+        """Copy one layer's rows (bytes-like, num_cells rows each) into place; rows a codec already
+        decoded into place (into layer_rows' views) stay as they are."""
+        k_dst, v_dst = self.layer_rows(buf, layer)
+        k_src, v_src = (np.frombuffer(memoryview(r).cast("B"), dtype=np.uint8) for r in (k_rows, v_rows))
+        if k_src.nbytes != k_dst.nbytes or v_src.nbytes != v_dst.nbytes:
+            raise StateLayoutError(f"layer {layer}: got {k_src.nbytes}+{v_src.nbytes} bytes of rows, expected "
+                                   f"{k_dst.nbytes}+{v_dst.nbytes}")
+        for src, dst in ((k_src, k_dst), (v_src, v_dst)):
+            if src.ctypes.data != dst.ctypes.data:
+                dst[:] = src
 
 
 @dataclass

@@ -123,9 +123,14 @@ def encode_kivi4(rows: torch.Tensor, role: str, head_dim: int = 0) -> torch.Tens
     return torch.cat((nib.reshape(-1), scale.reshape(-1).view(torch.uint8), zero.reshape(-1).view(torch.uint8)))
 
 
+def host_f16(rows: torch.Tensor) -> np.ndarray:
+    """[T, C] rows -> float16 on the device, then in host memory: where a host encoder starts."""
+    return rows.to(torch.float16).cpu().numpy()
+
+
 def encode_f16_bp_zstd(rows: torch.Tensor, role: str = "k", head_dim: int = 0) -> torch.Tensor:
     """Lossless: f16 on the device, then byte planes + zstd on the host (a CPU tensor of the payload)."""
-    return torch.from_numpy(lossless.encode_bp_zstd(rows.to(torch.float16).cpu().numpy()))
+    return torch.from_numpy(lossless.encode_bp_zstd(host_f16(rows)))
 
 
 # encoded on the host, to a size known only afterwards (the others: on the prefill device, fixed size)
@@ -148,8 +153,7 @@ def encode_kv(codec: str, k_rows: torch.Tensor, v_rows: torch.Tensor,
     if codec not in HOST_ENCODED:
         encode = ENCODERS[codec]
         return encode(k_rows, "k", head_dim), encode(v_rows, "v", head_dim)
-    k_host, v_host = (r.to(torch.float16).cpu().numpy() for r in (k_rows, v_rows))
-    k_pay, v_pay = host_encode_later(codec, k_host, v_host, head_dim)
+    k_pay, v_pay = host_encode_later(codec, host_f16(k_rows), host_f16(v_rows), head_dim)
     return torch.from_numpy(k_pay.result()), torch.from_numpy(v_pay.result())
 
 

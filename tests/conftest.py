@@ -62,3 +62,14 @@ def quality_texts(judge):
         ids = judge.model.tokenize(make_prompt(prompt_tokens + 80, start=4 * i), add_special=True, parse_special=False)
         out.append((ids[: prompt_tokens + 48], prompt_tokens))
     return out
+
+
+@pytest.fixture
+def codec_thread_uses(monkeypatch) -> list:
+    """Two CPUs for wire.two_cores, and a list that gets an entry for each hand-over to its codec threads."""
+    from wire import two_cores
+
+    monkeypatch.setattr(two_cores.os, "sched_getaffinity", lambda pid: {0, 1})
+    pool, used = two_cores._pool(), []
+    monkeypatch.setattr(two_cores, "_pool", lambda: used.append(1) or pool)
+    return used

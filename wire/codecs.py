@@ -61,8 +61,10 @@ class Codec:
     codec_id: int
     # encode(x: [T, C] float16|float32, role "k"|"v", head_dim) -> payload bytes-like
     encode: Callable[[np.ndarray, str, int], object]
-    # decode(payload, num_tokens, row_elems, cache_type, role, head_dim) -> cache rows (bytes-like, T rows)
-    decode: Callable[[memoryview, int, int, str, str, int], object]
+    # decode(payload, num_tokens, row_elems, cache_type, role, head_dim, out=None) -> cache rows (bytes-like,
+    # T rows). `out`, where given, is where the rows go (uint8, their size): a decoder that can writes them
+    # there and returns `out` itself; the others return rows for the caller to copy (StateLayout.put_layer)
+    decode: Callable[..., object]
     # payload_bytes(num_tokens, row_elems, role): bytes of a [T, C] payload (an upper bound if variable-size)
     payload_bytes: Callable[[int, int, str], int]
     # the cache type whose rows the payload already is, laid in as received (None: always decoded)
@@ -308,7 +310,7 @@ def _f16_encode(x: np.ndarray, role: str, head_dim: int):
     return np.ascontiguousarray(x, dtype="<f2").data
 
 
-def _f16_decode(payload, num_tokens, row_elems, cache_type, role, head_dim):
+def _f16_decode(payload, num_tokens, row_elems, cache_type, role, head_dim, out=None):
     _check_args("f16", payload, num_tokens * row_elems * 2, num_tokens, row_elems, cache_type, role)
     if cache_type == "f16":
         return payload
@@ -325,7 +327,7 @@ def _block_codec(name: str):
     def encode(x: np.ndarray, role: str, head_dim: int):
         return quantize_rows(x, name, role, head_dim).data
 
-    def decode(payload, num_tokens, row_elems, cache_type, role, head_dim):
+    def decode(payload, num_tokens, row_elems, cache_type, role, head_dim, out=None):
         _check_args(name, payload, payload_bytes(num_tokens, row_elems), num_tokens, row_elems, cache_type, role)
         if cache_type == name:
             return payload
@@ -339,15 +341,15 @@ def _block_codec(name: str):
     return encode, decode, payload_bytes
 
 
-def _kivi4_decode(payload, num_tokens, row_elems, cache_type, role, head_dim):
+def _kivi4_decode(payload, num_tokens, row_elems, cache_type, role, head_dim, out=None):
     _check_args("kivi4", payload, kivi4_payload_bytes(num_tokens, row_elems, role), num_tokens, row_elems, cache_type, role)
     # one pass in C where it is built (wire.native), the same bits as the numpy path below
     if cache_type == "f16":
-        rows = native.kivi4_to_f16(payload, num_tokens, row_elems, role)
+        rows = native.kivi4_to_f16(payload, num_tokens, row_elems, role, out)
     elif cache_type == "q8_0":
         n = hadamard_size(role, head_dim)
         _check_row_elems(row_elems, n or GROUP)
-        rows = native.kivi4_to_q8_0(payload, num_tokens, row_elems, role, n)
+        rows = native.kivi4_to_q8_0(payload, num_tokens, row_elems, role, n, out)
     else:
         rows = None
     if rows is not None:
@@ -360,15 +362,16 @@ def _bp_zstd_encode(x: np.ndarray, role: str, head_dim: int):
     return lossless.encode_bp_zstd(x)
 
 
-def _bp_zstd_decode(payload, num_tokens, row_elems, cache_type, role, head_dim):
+def _bp_zstd_decode(payload, num_tokens, row_elems, cache_type, role, head_dim, out=None):
     if role not in ROLES or cache_type not in CACHE_TYPES:
         raise CodecError(f"codec f16+bp-zstd cannot fill a {cache_type!r} cache for role {role!r}")
+    into = out.view("<f2") if out is not None and cache_type == "f16" else None
     try:
-        x = lossless.decode_bp_zstd(payload, num_tokens * row_elems)
+        x = lossless.decode_bp_zstd(payload, num_tokens * row_elems, into)
     except lossless.LosslessError as e:
         raise CodecError(str(e)) from None
     if cache_type == "f16":
-        return x.data
+        return x.data if into is None else out
     return quantize_rows(x.reshape(num_tokens, row_elems).astype(_F32), cache_type, role, head_dim)
 
 

@@ -61,8 +61,8 @@ def encode_bp_zstd(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def decode_bp_zstd(payload, num_elems: int) -> np.ndarray:
-    """payload -> [num_elems] float16 (a fresh array)."""
+def decode_bp_zstd(payload, num_elems: int, out: np.ndarray | None = None) -> np.ndarray:
+    """payload -> [num_elems] float16: `out` (contiguous float16 of that size) where given, else a fresh array."""
     buf = memoryview(payload).cast("B")
     if len(buf) < _HEAD.size:
         raise LosslessError(f"f16+bp-zstd payload is {len(buf)} bytes, shorter than its header")
@@ -79,7 +79,10 @@ def decode_bp_zstd(payload, num_elems: int) -> np.ndarray:
         raise LosslessError(f"f16+bp-zstd high plane holds {len(hi)} bytes, expected {num_elems}")
     hi = np.frombuffer(hi, dtype=_U8)
     lo = np.frombuffer(buf, dtype=_U8, count=num_elems, offset=_HEAD.size + hi_nbytes)
-    out = np.empty(num_elems, dtype="<f2")
+    if out is None:
+        out = np.empty(num_elems, dtype="<f2")
+    elif out.size != num_elems or not out.flags.c_contiguous:
+        raise LosslessError(f"f16+bp-zstd: {num_elems} values cannot go into an array of {out.size}")
     if not native.f16_join_planes(hi, lo, out):
         planes = out.view(_U8).reshape(-1, 2)
         planes[:, 0], planes[:, 1] = lo, hi

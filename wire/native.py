@@ -48,28 +48,39 @@ def available() -> bool:
     return _library() is not None
 
 
-def kivi4_to_q8_0(payload, num_tokens: int, row_elems: int, role: str, n: int) -> np.ndarray | None:
-    """kivi4 payload of a [T, C] K or V matrix (its size already checked) -> q8_0 rows [T, C/32*34],
-    H_n-rotated in runs of n (0: no rotation); None where the kernel is not built or runs are longer
-    than it holds."""
+def _rows(out: np.ndarray | None, shape: tuple, dtype) -> np.ndarray:
+    """Where a kernel writes its rows: `out` (contiguous, of their size) or a fresh array."""
+    if out is None:
+        return np.empty(shape, dtype=dtype)
+    if not out.flags.c_contiguous or out.nbytes != np.prod(shape) * np.dtype(dtype).itemsize:
+        raise ValueError(f"rows of {shape} {np.dtype(dtype)} cannot go into {out.nbytes} bytes")
+    return out
+
+
+def kivi4_to_q8_0(payload, num_tokens: int, row_elems: int, role: str, n: int,
+                  out: np.ndarray | None = None) -> np.ndarray | None:
+    """kivi4 payload of a [T, C] K or V matrix (its size already checked) -> q8_0 rows [T, C/32*34]
+    (written into `out` where given, which is returned), H_n-rotated in runs of n (0: no rotation); None
+    where the kernel is not built or runs are longer than it holds."""
     lib = _library()
     if lib is None or n > MAX_RUN:
         return None
     src = np.frombuffer(payload, dtype=np.uint8)
-    rows = np.empty((num_tokens, row_elems // 32 * Q8_0_BLOCK_BYTES), dtype=np.uint8)
+    rows = _rows(out, (num_tokens, row_elems // 32 * Q8_0_BLOCK_BYTES), np.uint8)
     if lib.kivi4_to_q8_0(src.ctypes.data, rows.ctypes.data, num_tokens, row_elems, role == "k", n):
         raise ValueError(f"kivi4 -> q8_0 kernel refused {num_tokens} x {row_elems} with runs of {n}")
     return rows
 
 
-def kivi4_to_f16(payload, num_tokens: int, row_elems: int, role: str) -> np.ndarray | None:
-    """kivi4 payload of a [T, C] K or V matrix (its size already checked) -> f16 [T, C]; None where the
-    kernel is not built."""
+def kivi4_to_f16(payload, num_tokens: int, row_elems: int, role: str,
+                 out: np.ndarray | None = None) -> np.ndarray | None:
+    """kivi4 payload of a [T, C] K or V matrix (its size already checked) -> f16 [T, C] (written into `out`
+    where given, which is returned); None where the kernel is not built."""
     lib = _library()
     if lib is None:
         return None
     src = np.frombuffer(payload, dtype=np.uint8)
-    rows = np.empty((num_tokens, row_elems), dtype="<f2")
+    rows = _rows(out, (num_tokens, row_elems), "<f2")
     if lib.kivi4_to_f16(src.ctypes.data, rows.ctypes.data, num_tokens, row_elems, role == "k"):
         raise ValueError(f"kivi4 -> f16 kernel refused {num_tokens} x {row_elems}")
     return rows

@@ -60,16 +60,13 @@ def test_keys_are_re_paired_for_llama_rope_and_values_kept(model_info, token_maj
 
 
 @pytest.mark.parametrize("codec", ["f16+bp-zstd", "kivi4"])
-def test_a_long_layer_encodes_on_two_cores_only_on_the_host(model_info, codec, monkeypatch):
+def test_a_long_layer_encodes_on_two_cores_only_on_the_host(model_info, codec, codec_thread_uses):
     """encode_kv: a host encoder codes K and V on the codec threads (same bytes as one core); device
     encoders stay on the thread that launches their kernels."""
     from prefill_gpu.kv_encode import encode_kv
-    from wire import two_cores
 
     num_tokens = 1024  # x 192 elements per row: past two_cores.MIN_ELEMS
-    monkeypatch.setattr(two_cores.os, "sched_getaffinity", lambda pid: {0, 1})
-    helper, used = two_cores._pool(), []
-    monkeypatch.setattr(two_cores, "_pool", lambda: used.append(1) or helper)
+    used = codec_thread_uses
     gen = torch.Generator().manual_seed(1)
     k, v = (torch.randn(num_tokens, model_info.kv_row_elems, generator=gen) for _ in range(2))
     k_pay, v_pay = encode_kv(codec, k, v, model_info.head_dim)
