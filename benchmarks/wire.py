@@ -3,7 +3,8 @@
 Three measurements, each side by side with its baseline in the same run:
 1. goodput: our KV stream (frames, XXH3 check, copy into the state buffer on arrival) vs a plain
    socket moving the same bytes between the same two hosts: loopback, and link-lab namespaces
-   shaped to 1 and 10 Gbit (where namespaces can be made);
+   shaped to 1 and 10 Gbit (where namespaces can be made); on loopback also the same frames through
+   ZeroMQ alone (no check, no landing copy), which shows where a CPU-bound box loses;
 2. overlap: real prefill and decode workers on either side of a 1 Gbit link, a prompt of >= 1024
    tokens: TTFT disaggregated minus the prefill engine's own TTFT, with layer streaming and the first
    token from the prefill worker (`overlap_excess_ms`), with layer streaming and the first token from
@@ -46,8 +47,20 @@ OVERLAP_MODES = {
 # --- roles ------------------------------------------------------------------------------------
 
 
-def role_kv_sink(ip: str, num_layers: str) -> None:
-    """Receive num_layers KV frames, check each, copy its payload into a state-sized buffer."""
+# what the KV side of a goodput measurement does with each layer
+KV_MODES = {
+    # the decode worker's receive path: frames checked (XXH3 over the payload, each side) and copied into
+    # a state-sized buffer
+    "landed": "KV stream",
+    # ZeroMQ alone, the same frames: hashed once up front, neither checked nor copied on arrival. On a box
+    # whose cores are all busy moving bytes, the gap between this row and "landed" is what the check and
+    # the landing copy cost; against the socket row, what ZeroMQ's framing and I/O threads cost.
+    "frames": "ZeroMQ frames only",
+}
+
+
+def role_kv_sink(ip: str, num_layers: str, mode: str = "landed") -> None:
+    """Receive num_layers KV frames; in mode landed, check each and copy its payload into a state-sized buffer."""
     import zmq
 
     from wire import frame, transport
@@ -63,6 +76,9 @@ def role_kv_sink(ip: str, num_layers: str) -> None:
     for _ in range(n):
         parts = pull.recv_multipart(copy=False)
         t_first = t_first or time.monotonic()
+        if mode == "frames":
+            got += len(parts[1]) + len(parts[2])
+            continue
         h, k, v = frame.decode_message([p.buffer for p in parts])
         state[: h.k_nbytes] = k
         state[h.k_nbytes : h.k_nbytes + h.v_nbytes] = v
@@ -70,20 +86,33 @@ def role_kv_sink(ip: str, num_layers: str) -> None:
     print(json.dumps({"nbytes": got, "t_first": t_first, "t_last": time.monotonic()}), flush=True)
 
 
-def role_kv_source(ip: str, port: str, layer_bytes: str, num_layers: str) -> None:
-    """Send num_layers frames of layer_bytes (K+V) through the prefill worker's KvSender."""
+def role_kv_source(ip: str, port: str, layer_bytes: str, num_layers: str, mode: str = "landed") -> None:
+    """Send num_layers frames of layer_bytes (K+V): through the prefill worker's KvSender (mode landed), or
+    the same frames, encoded once, straight onto the KV socket (mode frames)."""
     import zmq
 
     from wire import frame, transport
 
     half = int(layer_bytes) // 2
     k, v = memoryview(os.urandom(half)), memoryview(os.urandom(half))
-    sender = transport.KvSender(zmq.Context())
     addr = f"tcp://{ip}:{port}"
+
+    def header(i: int) -> frame.FrameHeader:
+        return frame.FrameHeader(i.to_bytes(16, "little"), b"\0" * 8, 1, i % 30, 30, 1024, 384, 0, 0)
+
+    if mode == "frames":
+        sock = transport.connect_kv_push(zmq.Context(), addr, send_timeout_ms=60_000)
+        parts = frame.encode_layer(header(0), k, v)
+        t_start = time.monotonic()
+        for _ in range(int(num_layers)):
+            sock.send_multipart(parts, copy=False)
+        print(json.dumps({"t_start": t_start}), flush=True)
+        sock.close(linger=60_000)
+        return
+    sender = transport.KvSender(zmq.Context())
     t_start = time.monotonic()
     for i in range(int(num_layers)):
-        h = frame.FrameHeader(i.to_bytes(16, "little"), b"\0" * 8, 1, i % 30, 30, 1024, 384, 0, 0)
-        sender.submit(transport.LayerJob(addr, h, k, v))
+        sender.submit(transport.LayerJob(addr, header(i), k, v))
     sender.flush()
     print(json.dumps({"t_start": t_start}), flush=True)
     sender.close()
@@ -146,12 +175,13 @@ def _spawn(lab, ns: str | None, argv: list[str]) -> subprocess.Popen:
     return subprocess.Popen(argv, env=_env(), stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
 
 
-def kv_goodput(lab, sink_ip: str, layer_bytes: int, num_layers: int) -> float:
-    """Bytes/s of our KV stream from the gpu side to the cpu side (or loopback when lab is None)."""
+def kv_goodput(lab, sink_ip: str, layer_bytes: int, num_layers: int, mode: str = "landed") -> float:
+    """Bytes/s of our KV stream (a KV_MODES key) from the gpu side to the cpu side (or loopback when lab is None)."""
     me = [sys.executable, "-m", "benchmarks.wire"]
-    sink = _spawn(lab, lab and lab.cpu_ns, me + ["kv-sink", sink_ip, str(num_layers)])
+    sink = _spawn(lab, lab and lab.cpu_ns, me + ["kv-sink", sink_ip, str(num_layers), mode])
     port = json.loads(sink.stdout.readline())["port"]
-    source = _spawn(lab, lab and lab.gpu_ns, me + ["kv-source", sink_ip, str(port), str(layer_bytes), str(num_layers)])
+    source = _spawn(lab, lab and lab.gpu_ns,
+                    me + ["kv-source", sink_ip, str(port), str(layer_bytes), str(num_layers), mode])
     src_out, _ = source.communicate(timeout=600)
     sink_out, _ = sink.communicate(timeout=60)
     if source.returncode or sink.returncode:
@@ -176,14 +206,15 @@ def socket_goodput(lab, sink_ip: str, nbytes: int) -> float:
     return res["nbytes"] / res["seconds"]
 
 
-def side_by_side(lab, sink_ip: str, total_bytes: int, repeats: int) -> tuple[float, float]:
-    """Best-of-`repeats` goodput of the plain socket and of the KV stream, interleaved."""
+def side_by_side(lab, sink_ip: str, total_bytes: int, repeats: int, kv_modes=("landed",)) -> list[float]:
+    """Best-of-`repeats` goodput of the plain socket, then of the KV stream in each of kv_modes, interleaved."""
     num_layers = max(1, total_bytes // LAYER_BYTES)
-    sock, kv = [], []
+    runs = [[] for _ in range(1 + len(kv_modes))]
     for _ in range(repeats):
-        sock.append(socket_goodput(lab, sink_ip, num_layers * LAYER_BYTES))
-        kv.append(kv_goodput(lab, sink_ip, LAYER_BYTES, num_layers))
-    return max(sock), max(kv)
+        runs[0].append(socket_goodput(lab, sink_ip, num_layers * LAYER_BYTES))
+        for i, mode in enumerate(kv_modes, 1):
+            runs[i].append(kv_goodput(lab, sink_ip, LAYER_BYTES, num_layers, mode))
+    return [max(r) for r in runs]
 
 
 @dataclass(frozen=True)
@@ -279,10 +310,12 @@ def run_bench(model_path: Path, loopback_mb: int, link_mb: int, prompt_tokens: i
     from wire import linklab
 
     rows, summary = [], {}
-    sock, kv = side_by_side(None, "127.0.0.1", loopback_mb << 20, repeats)
-    rows.append({"link": "loopback", "socket_gbps": sock * 8 / 1e9, "kv_gbps": kv * 8 / 1e9, "kv_vs_socket": kv / sock,
-                 "kv_vs_rate": ""})
+    sock, kv, frames = side_by_side(None, "127.0.0.1", loopback_mb << 20, repeats, kv_modes=("landed", "frames"))
+    for link, got in (("loopback", kv), (f"loopback, {KV_MODES['frames']}", frames)):
+        rows.append({"link": link, "socket_gbps": sock * 8 / 1e9, "kv_gbps": got * 8 / 1e9,
+                     "kv_vs_socket": got / sock, "kv_vs_rate": ""})
     summary["loopback_vs_socket"] = kv / sock
+    summary["loopback_frames_only_vs_socket"] = frames / sock
     reason = linklab.available()
     figures = {}
     if reason:

@@ -27,8 +27,6 @@ from wire import frame, messages
 # Layers in flight per decode worker before the producer blocks. A layer of a 4k-token prompt of
 # an 8B model is ~16 MiB in f16; 32 of them bound the sender at ~0.5 GiB in the worst case.
 KV_HWM_LAYERS = 32
-# Kernel socket buffers for the KV stream: a 10GbE link with 1 ms RTT needs ~1.25 MB in flight.
-KV_SOCKET_BUFFER_BYTES = 8 << 20
 # A GPU prefill worker's sender gathers the layers a forward pass produces for this long before sending
 # them, instead of waking for each: every wake-up takes the GIL from the forward pass, which on a GPU is
 # bound by Python launching kernels (H200 box, 30 layers: ~3 ms less stretch). flush() ends the wait at
@@ -68,6 +66,20 @@ def bind_kv_pull(ctx: zmq.Context, addr: str) -> zmq.Socket:
     sock.setsockopt(zmq.RCVHWM, KV_HWM_LAYERS * 3)
     # RCVBUF left to the kernel: an explicit SO_RCVBUF disables TCP autotuning (and is clamped to rmem_max)
     sock.bind(addr)
+    return sock
+
+
+def connect_kv_push(ctx: zmq.Context, addr: str, send_timeout_ms: int) -> zmq.Socket:
+    """The KV sending socket to one decode worker."""
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.SNDHWM, KV_HWM_LAYERS * 3)
+    # SNDBUF left to the kernel: an explicit SO_SNDBUF disables TCP autotuning
+    sock.setsockopt(zmq.SNDTIMEO, send_timeout_ms)
+    # queue only onto a live connection: a dead decode worker makes send time out, instead of
+    # layers piling up unsent behind a connection that will never complete
+    sock.setsockopt(zmq.IMMEDIATE, 1)
+    sock.setsockopt(zmq.LINGER, 5000)
+    sock.connect(addr)
     return sock
 
 
@@ -149,16 +161,7 @@ class KvSender:
     def _socket(self, addr: str) -> zmq.Socket:
         sock = self._socks.get(addr)
         if sock is None:
-            sock = self._ctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.SNDHWM, KV_HWM_LAYERS * 3)
-            # SNDBUF left to the kernel: an explicit SO_SNDBUF disables TCP autotuning
-            sock.setsockopt(zmq.SNDTIMEO, self._send_timeout_ms)
-            # queue only onto a live connection: a dead decode worker makes send time out, instead of
-            # layers piling up unsent behind a connection that will never complete
-            sock.setsockopt(zmq.IMMEDIATE, 1)
-            sock.setsockopt(zmq.LINGER, 5000)
-            sock.connect(addr)
-            self._socks[addr] = sock
+            sock = self._socks[addr] = connect_kv_push(self._ctx, addr, self._send_timeout_ms)
         return sock
 
     def _loop(self) -> None:
