@@ -125,9 +125,10 @@ def measure(model_path: Path, num_prompts: int, repeats: int, progress=lambda: N
     from homelab_disagg.quality import (LlamaJudge, codec_state, compare, float_weights_model, nudge_keys, pool,
                                         torch_layer_rows)
     from prefill_gpu.engine import TorchPrefillEngine
-    from wire import native
+    from wire import native, transport
     from wire.codecs import get_codec
 
+    transport.keep_kv_buffers_off_mmap()  # as both workers' processes do: payloads and frames from the heap
     info = read_model_info(model_path)
     engine = TorchPrefillEngine(PrefillWorkerConfig(model_path, device="auto"), info)
     judge_model = float_weights_model(model_path)

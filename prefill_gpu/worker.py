@@ -61,6 +61,7 @@ class PrefillWorker:
         else:
             self.engine = TorchPrefillEngine(cfg, self.info, env)
             self.staging = KvStaging(self.info, self.engine.device)
+        transport.keep_kv_buffers_off_mmap()  # the payloads a host encoder codes for each layer
         self.zctx = zmq.Context()
         self.control = transport.bind_router(self.zctx, cfg.control_addr)
         on_gpu = self.cfg.engine == "torch" and self.engine.device.type == "cuda"

@@ -83,7 +83,7 @@ def test_kv_receivers_get_frames_from_the_heap_not_fresh_mappings():
 
     probe = (
         "import ctypes, sys; from wire import transport\n"
-        "if sys.argv[1] == 'tuned': transport.keep_kv_frames_off_mmap()\n"
+        "if sys.argv[1] == 'tuned': transport.keep_kv_buffers_off_mmap()\n"
         "libc = ctypes.CDLL(None); libc.malloc.restype = libc.sbrk.restype = ctypes.c_void_p\n"
         "p = libc.malloc(30 << 20); print(p < libc.sbrk(0)); libc.free(ctypes.c_void_p(p))\n"
     )
