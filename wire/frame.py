@@ -138,7 +138,7 @@ def unpack_header(buf) -> FrameHeader:
 
 
 def check_payload(h: FrameHeader, k_payload, v_payload) -> None:
-    """Sizes and CRC of the payload frames against their header."""
+    """Sizes and XXH3 of the payload frames against their header."""
     k_nbytes, v_nbytes = memoryview(k_payload).nbytes, memoryview(v_payload).nbytes
     if k_nbytes != h.k_nbytes or v_nbytes != h.v_nbytes:
         raise TruncatedFrame(
