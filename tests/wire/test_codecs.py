@@ -416,6 +416,15 @@ def test_native_payloads_pass_through_and_conversions_agree(x, role):
     assert decode("kivi4", encode("kivi4", x, role), t, c, "q8_0", role) == codecs.quantize_rows(kv, "q8_0", role, 64).tobytes()
 
 
+def test_bp_zstd_stays_exact_as_a_thread_reuses_its_plane_buffers():
+    """Each thread splits into buffers it keeps: a larger layer grows them, a smaller one uses their front."""
+    rng = np.random.default_rng(5)
+    for t in (64, 8, 256, 3, 256):
+        x = rng.standard_normal((t, 64)).astype(np.float16)
+        assert np.array_equal(lossless.decode_bp_zstd(lossless.encode_bp_zstd(x), x.size).view(np.uint16),
+                              x.reshape(-1).view(np.uint16))
+
+
 def test_bp_zstd_rejects_a_corrupt_payload():
     x = np.random.default_rng(3).standard_normal((40, 64)).astype(np.float16)
     p = bytearray(lossless.encode_bp_zstd(x))
