@@ -7,9 +7,15 @@
                     worker tokenizes and detokenizes (llama.cpp is the authority on tokens)
     replicated:     colocated requests, round-robin over every colocated instance on both boxes
 
+One request through a decode worker (`_serve_on`), each stage a method, the ledger
+(records.RequestRecord) filled beside it from the messages:
+
+    admit (Admit -> Admitted | Refused) -> prefill (Prefill, KV to the decode worker; remote only)
+        -> stream (token ... Finished) -> finish (PrefillDone)
+
 A decode worker that dies mid-generation costs its requests a re-prefill, not their lives: each is
-admitted again elsewhere with its prompt plus the tokens generated so far and goes on streaming.
-It imports no engine: it speaks only wire messages to worker processes.
+admitted again elsewhere with its prompt plus the tokens generated so far and goes on streaming
+(`_generate_via_decode`). It imports no engine: it speaks only wire messages to worker processes.
 """
 
 from __future__ import annotations
@@ -19,25 +25,21 @@ import itertools
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
+import msgspec
 import zmq.asyncio
 
 from coordinator.links import WorkerLink, WorkerLost
 from coordinator.records import RequestRecord
 from homelab_disagg.config import LabConfig
-from homelab_disagg.errors import CapacityError, PeerError, RequestError
+from homelab_disagg.errors import CapacityError, PeerError, RequestError, error_for_code
 from wire.messages import (
     Admit, Admitted, Cancel, Detokenize, Detokenized, Failed, Finished, FirstToken, Generate, GenerateDone, Prefill,
-    PrefillDone,
-    Refused, Sampling, Tokenize, Tokenized,
+    PrefillDone, Refused, Sampling, Tokenize, Tokenized,
 )
 
 log = logging.getLogger("coordinator")
-
-
-class PromptTooLong(RequestError):
-    """The prompt does not fit a decode slot's context."""
 
 
 @dataclass(frozen=True)
@@ -74,9 +76,8 @@ class HealthPolicy:
 class _Progress:
     """What one request has so far, across decode workers (failover re-admits from here)."""
 
-    prompt_ids: list | None = None
+    prompt_ids: list | None = None  # as first admitted
     generated: list = field(default_factory=list)
-    t_last_token: float | None = None
     num_failovers: int = 0
 
 
@@ -188,9 +189,11 @@ class Coordinator:
         assert isinstance(reply, Tokenized)
         return list(reply.token_ids)
 
-    async def detokenize(self, token_ids: list[int]) -> Detokenized:
+    async def detokenize(self, token_ids: list[int], stop=()) -> Detokenized:
+        """Text pieces per token from a decode worker, by the rules of its own output: the pieces end
+        at the first end-of-generation token or stop string, marked in `is_eog`."""
         rid = uuid.uuid4().bytes
-        reply = await self.pick_decode().call(rid, Detokenize(rid, list(token_ids)), timeout_s=30.0)
+        reply = await self.pick_decode().call(rid, Detokenize(rid, list(token_ids), tuple(stop)), timeout_s=30.0)
         if isinstance(reply, Failed):
             raise RequestError(reply.error)
         assert isinstance(reply, Detokenized)
@@ -199,7 +202,8 @@ class Coordinator:
     # --- the request path ----------------------------------------------------------------
 
     async def generate(self, req: GenerationRequest, record: RequestRecord | None = None):
-        """Yield TokenEvents; fills `record` with the request's measurements as it goes."""
+        """Yield TokenEvents (their pieces are the response text); fills `record` with the request's
+        measurements as it goes."""
         arch = req.architecture or self.lab.architecture
         prefer = None
         if arch == "replicated":
@@ -221,18 +225,18 @@ class Coordinator:
 
     async def _generate_via_decode(self, req: GenerationRequest, rec: RequestRecord, disaggregated: bool,
                                    prefer: WorkerLink | None = None):
-        """Admit on a decode worker and stream; on its loss, re-admit elsewhere and go on."""
-        t0 = time.perf_counter()
+        """Serve on a decode worker; on its loss, re-admit elsewhere and go on."""
+        rec.start()
         prog = _Progress()
         refused: set[str] = set()  # decode workers that are full or gone, for this request
         for _ in range(2 * len(self.links) + 2):
             if prog.generated and len(prog.generated) >= req.sampling.max_tokens:
-                rec.finish_reason, rec.output_tokens = "length", len(prog.generated)  # lost after the last token
+                rec.on_length_reached(len(prog.generated))  # lost after the last token
                 return
             dec = prefer if prefer is not None and prefer.healthy else self._decode_for(refused, prog)
             prefer = None
             try:
-                async for ev in self._admit_and_stream(dec, req, rec, prog, disaggregated, t0):
+                async for ev in self._serve_on(dec, req, rec, prog, disaggregated):
                     yield ev
                 return
             except CapacityError:
@@ -268,80 +272,113 @@ class Coordinator:
                 "and no other decode worker is available to continue the request"
             ) from None
 
-    async def _admit_and_stream(self, dec: WorkerLink, req: GenerationRequest, rec: RequestRecord, prog: _Progress,
-                                disaggregated: bool, t0: float):
-        rid = uuid.uuid4().bytes
-        first_attempt = prog.prompt_ids is None
-        if first_attempt:
-            rec.request_id = rid.hex()
-            admit_ids, sampling = req.token_ids, req.sampling
-        else:  # failover: the prompt plus what was generated, for the tokens still owed
-            admit_ids = prog.prompt_ids + prog.generated
-            sampling = replace(req.sampling, max_tokens=req.sampling.max_tokens - len(prog.generated))
-        remote = disaggregated and any(l.healthy for l in self.prefill)  # no prefill worker left: prefill locally
-        pre = self.pick_prefill() if remote else None
-        # the prefill worker's greedy pick of the first token, streamed before the KV has landed
-        first_from_prefill = (pre is not None and first_attempt and self.lab.first_token_from_prefill
-                              and req.sampling.temperature <= 0 and _samples_first(pre))
-        rec.decode_worker = dec.name
-        stream = dec.open_stream(rid)  # before Admit: tokens may follow the admission at once
+    async def _serve_on(self, dec: WorkerLink, req: GenerationRequest, rec: RequestRecord, prog: _Progress,
+                        disaggregated: bool):
+        """One decode worker's go at the request: admit, prefill, stream, finish. Whatever ends it
+        early, the decode slot is freed and the prefill stopped."""
+        # no prefill worker left: the decode worker prefills the prompt itself
+        pre = self.pick_prefill() if disaggregated and any(l.healthy for l in self.prefill) else None
+        admit = self._admit_message(req, prog, pre)
+        stream = dec.open_stream(admit.request_id)  # before Admit: tokens may follow the admission at once
         dec.inflight += 1
-        t_admit = time.perf_counter()
-        prefill_task = None
+        prefill = None
         try:
-            admit = Admit(rid, req.prompt if first_attempt else None, req.messages if first_attempt else None,
-                          admit_ids, sampling, "remote" if remote else "local", self.lab.codec, first_from_prefill)
-            reply = await dec.call(rid, admit, timeout_s=self.health.admit_timeout_s)
-            if first_attempt:
-                rec.admit_ms = (time.perf_counter() - t_admit) * 1e3
-            if isinstance(reply, Refused):
-                if reply.code == "capacity":
-                    raise CapacityError(reply.reason)
-                raise (PromptTooLong if reply.code == "too_long" else RequestError)(reply.reason)
-            if isinstance(reply, Failed):
-                raise RequestError(reply.error)
-            assert isinstance(reply, Admitted)
-            if first_attempt:
-                prog.prompt_ids = list(reply.token_ids)
-                rec.prompt_tokens = len(reply.token_ids)
-            if remote and len(reply.token_ids) > 1:
-                rec.prefill_worker = pre.name
-                kv_ids = reply.token_ids if first_from_prefill else reply.token_ids[:-1]
-                prefill_task = asyncio.create_task(
-                    self._prefill(pre, dec, rid, kv_ids, self.kv_addr[dec.name], first_from_prefill))
-            elif disaggregated:
-                rec.prefill_worker = "local"
-            async for ev in self._stream_tokens(dec, stream, prefill_task, rec, prog, t0):
+            admitted = await self._admit(dec, admit, rec)
+            prog.prompt_ids = prog.prompt_ids or list(admitted.token_ids)
+            prefill = self._start_prefill(pre, dec, admit, admitted, rec)
+            async for ev in self._stream(dec, stream, prefill, rec, prog):
                 yield ev
-            if prefill_task is not None:
-                self._absorb_prefill(await prefill_task, rec)
-                # what of the TTFT is neither compute nor the decode side's own work; a first token from
-                # the prefill worker is streamed before the inject and the first step
-                decode_side = 0.0 if first_from_prefill else rec.queue_ms + rec.inject_ms + rec.first_step_ms
-                rec.wire_exposed_ms = max(
-                    0.0, rec.ttft_ms - rec.admit_ms - rec.prefill_compute_ms - rec.encode_ms - decode_side,
-                )
+            await self._finish(prefill, rec)
         except BaseException:
-            try:
-                dec.send(Cancel(rid))  # the decode slot is freed whatever went wrong here
-            except PeerError:
-                pass  # the worker is gone: so is the slot
-            if prefill_task is not None:
-                prefill_task.cancel()
+            self._abandon(dec, admit.request_id, prefill)
             raise
         finally:
             dec.inflight -= 1
-            dec.close_stream(rid)
+            dec.close_stream(admit.request_id)
 
-    async def _prefill(self, pre: WorkerLink, dec: WorkerLink, rid: bytes, token_ids: list, kv_addr: str,
-                       sample_first: bool):
+    def _admit_message(self, req: GenerationRequest, prog: _Progress, pre: WorkerLink | None) -> Admit:
+        """The first Admit carries the request as sent; after a failover, the prompt plus what was
+        generated, for the tokens still owed."""
+        rid, kv_source = uuid.uuid4().bytes, "remote" if pre is not None else "local"
+        if prog.prompt_ids is not None:
+            owed = msgspec.structs.replace(req.sampling, max_tokens=req.sampling.max_tokens - len(prog.generated))
+            return Admit(rid, token_ids=prog.prompt_ids + prog.generated, sampling=owed, kv_source=kv_source,
+                         codec=self.lab.codec)
+        # the prefill worker's greedy pick of the first token, streamed before the KV has landed
+        first_from_prefill = (pre is not None and self.lab.first_token_from_prefill and req.sampling.temperature <= 0
+                              and _samples_first(pre))
+        return Admit(rid, req.prompt, req.messages, req.token_ids, req.sampling, kv_source, self.lab.codec,
+                     first_from_prefill)
+
+    async def _admit(self, dec: WorkerLink, admit: Admit, rec: RequestRecord) -> Admitted:
+        """A slot on `dec`, or the refusal as the error the API answers with."""
+        rec.on_admit(admit, dec.name)
+        reply = await dec.call(admit.request_id, admit, timeout_s=self.health.admit_timeout_s)
+        rec.on_admit_reply(reply)
+        if isinstance(reply, Refused):
+            raise _refusal_error(reply)
+        if isinstance(reply, Failed):
+            raise RequestError(reply.error)
+        assert isinstance(reply, Admitted)
+        return reply
+
+    def _start_prefill(self, pre: WorkerLink | None, dec: WorkerLink, admit: Admit, admitted: Admitted,
+                       rec: RequestRecord) -> asyncio.Task | None:
+        """The admitted prompt's KV computed on `pre` and pushed to `dec`: every prompt token's when
+        the prefill worker samples the first output token, else all but the last (the decode worker's
+        first step feeds it). None when the decode worker prefills (a one-token prompt, no `pre`)."""
+        if pre is None or len(admitted.token_ids) <= 1:
+            return None
+        sample_first = admit.first_token_from_prefill
+        kv_ids = admitted.token_ids if sample_first else admitted.token_ids[:-1]
+        msg = Prefill(admit.request_id, kv_ids, self.kv_addr[dec.name], self.lab.codec, self.lab.layer_streaming,
+                      sample_first)
+        rec.on_prefill(pre.name)
+        return asyncio.create_task(self._prefill(pre, dec, msg))
+
+    async def _stream(self, dec: WorkerLink, stream: asyncio.Queue, prefill: asyncio.Task | None,
+                      rec: RequestRecord, prog: _Progress):
+        """The decode worker's tokens, up to its Finished."""
+        while True:
+            item = await self._next_item(dec, stream, prefill)
+            if isinstance(item, Finished):
+                rec.on_finished(item, len(prog.generated))
+                return
+            if isinstance(item, Failed):
+                raise PeerError(f"decode worker {dec.name}: {item.error}")
+            tok, piece = item
+            rec.on_token()
+            prog.generated.append(tok)
+            yield TokenEvent(tok, piece)
+
+    @staticmethod
+    async def _finish(prefill: asyncio.Task | None, rec: RequestRecord) -> None:
+        """The prefill worker's figures: it answers once its KV has drained to the link."""
+        if prefill is None:
+            return
+        done = await prefill
+        if isinstance(done, Failed):
+            raise PeerError(f"prefill failed: {done.error}")
+        assert isinstance(done, PrefillDone)
+        rec.on_prefill_done(done)
+
+    @staticmethod
+    def _abandon(dec: WorkerLink, request_id: bytes, prefill: asyncio.Task | None) -> None:
+        try:
+            dec.send(Cancel(request_id))
+        except PeerError:
+            pass  # the worker is gone: so is the slot
+        if prefill is not None:
+            prefill.cancel()
+
+    async def _prefill(self, pre: WorkerLink, dec: WorkerLink, msg: Prefill):
         """Prefill on `pre`, its KV to `dec`. With `sample_first`, the worker's FirstToken comes right
         after its forward pass, ahead of PrefillDone (which waits for the KV to drain to the link), and
         goes on to `dec` at once."""
+        rid = msg.request_id
         pre.inflight += 1
-        early = pre.open_stream(rid) if sample_first else None
+        early = pre.open_stream(rid) if msg.sample_first else None
         try:
-            msg = Prefill(rid, token_ids, kv_addr, self.lab.codec, self.lab.layer_streaming, sample_first)
             call = asyncio.ensure_future(pre.call(rid, msg, timeout_s=self.lab.request_timeout_s))
             if early is not None:
                 getter = asyncio.ensure_future(early.get())
@@ -365,43 +402,13 @@ class Coordinator:
             if early is not None:
                 pre.close_stream(rid)
 
-    async def _stream_tokens(self, dec: WorkerLink, stream: asyncio.Queue, prefill_task, rec: RequestRecord,
-                             prog: _Progress, t0: float):
-        while True:
-            item = await self._next_item(dec, stream, prefill_task)
-            if isinstance(item, Finished):
-                rec.finish_reason = item.finish_reason
-                rec.output_tokens = len(prog.generated)
-                t = item.timings
-                rec.queue_ms = max(0.0, t.get("queue_ms", 0.0))
-                rec.inject_ms = t.get("inject_ms", 0.0)
-                rec.first_step_ms = t.get("first_step_ms", 0.0)
-                rec.kv_recv_ms = t.get("kv_recv_ms", 0.0)
-                rec.kv_wait_ms = t.get("kv_wait_ms", 0.0)
-                rec.kv_bytes_wire += int(t.get("kv_bytes_wire", 0))
-                rec.e2e_ms = (time.perf_counter() - t0) * 1e3
-                rec.tpot_ms = (rec.e2e_ms - rec.ttft_ms) / (rec.output_tokens - 1) if rec.output_tokens > 1 else 0.0
-                return
-            if isinstance(item, Failed):
-                raise PeerError(f"decode worker {dec.name}: {item.error}")
-            tok, piece = item
-            now = time.perf_counter()
-            if prog.t_last_token is None:
-                rec.ttft_ms = (now - t0) * 1e3
-            else:
-                rec.itl_ms.append((now - prog.t_last_token) * 1e3)
-            prog.t_last_token = now
-            prog.generated.append(tok)
-            rec.text += piece
-            yield TokenEvent(tok, piece)
-
-    async def _next_item(self, dec: WorkerLink, stream: asyncio.Queue, prefill_task):
+    async def _next_item(self, dec: WorkerLink, stream: asyncio.Queue, prefill: asyncio.Task | None):
         """The next token/Finished/Failed from the decode worker. A failed prefill ends the wait; a
         silent stream is checked with a ping, and a decode worker that does not answer is lost."""
         silent_s = 0.0
         while True:
             getter = asyncio.ensure_future(stream.get())
-            waiting = {getter} | ({prefill_task} if prefill_task is not None and not prefill_task.done() else set())
+            waiting = {getter} | ({prefill} if prefill is not None and not prefill.done() else set())
             try:
                 done, _ = await asyncio.wait(waiting, timeout=self.health.stream_stall_s,
                                              return_when=asyncio.FIRST_COMPLETED)
@@ -413,8 +420,8 @@ class Coordinator:
                 if isinstance(item, WorkerLost):
                     raise item
                 return item
-            if prefill_task is not None and prefill_task in done:
-                res = prefill_task.result()  # raises PeerError/WorkerLost if the prefill worker failed
+            if prefill is not None and prefill in done:
+                res = prefill.result()  # raises PeerError/WorkerLost if the prefill worker failed
                 if isinstance(res, Failed):
                     raise PeerError(f"prefill failed: {res.error}")
                 continue
@@ -431,70 +438,47 @@ class Coordinator:
             if silent_s >= self.lab.request_timeout_s:
                 raise PeerError(f"decode worker {dec.name} answers pings but sent no token for {silent_s:.0f} s")
 
-    @staticmethod
-    def _absorb_prefill(res, rec: RequestRecord) -> None:
-        if isinstance(res, Failed):
-            raise PeerError(f"prefill failed: {res.error}")
-        assert isinstance(res, PrefillDone)
-        rec.prefill_compute_ms += res.compute_ms
-        rec.encode_ms += res.encode_ms
-        rec.kv_bytes_raw += res.bytes_raw
+    # --- colocated on the prefill engine -------------------------------------------------------
 
     async def _generate_on_prefill_engine(self, req: GenerationRequest, rec: RequestRecord,
                                           prefer: WorkerLink | None = None):
-        """The torch engine alone: Generate on the prefill worker, text from a decode worker."""
+        """The torch engine alone: tokenize on a decode worker, Generate on the prefill worker, the
+        text from a decode worker (which ends it at an end-of-generation token or a stop string)."""
         if req.sampling.temperature > 0:
             raise RequestError("the colocated-gpu architecture samples greedily only; send temperature 0")
         ids = list(req.token_ids) if req.token_ids else await self.tokenize(req.prompt, req.messages)
         pre = prefer if prefer is not None else self.pick_prefill()
-        rid = uuid.uuid4().bytes
-        rec.request_id, rec.prefill_worker, rec.prompt_tokens = rid.hex(), pre.name, len(ids)
+        done = await self._generate(pre, Generate(uuid.uuid4().bytes, ids, req.sampling.max_tokens), rec)
+        if not done.token_ids or not self.decode:
+            for tok in done.token_ids:
+                yield TokenEvent(tok, "")
+            return
+        text = await self.detokenize(done.token_ids, req.sampling.stop)
+        num_tokens = next((n for n, end in enumerate(text.is_eog, 1) if end), None)  # None: every token counts
+        if num_tokens is not None:
+            rec.on_stopped(num_tokens)
+        for tok, piece in zip(done.token_ids[:num_tokens], text.pieces):
+            yield TokenEvent(tok, piece)
+
+    async def _generate(self, pre: WorkerLink, msg: Generate, rec: RequestRecord) -> GenerateDone:
+        rec.on_generate(msg, pre.name)
         pre.inflight += 1
-        t0 = time.perf_counter()
         try:
-            res = await pre.call(rid, Generate(rid, ids, req.sampling.max_tokens), self.lab.request_timeout_s)
+            res = await pre.call(msg.request_id, msg, self.lab.request_timeout_s)
         finally:
             pre.inflight -= 1
         if isinstance(res, Failed):
             raise PeerError(f"prefill worker {pre.name}: {res.error}")
         assert isinstance(res, GenerateDone)
-        rec.e2e_ms = (time.perf_counter() - t0) * 1e3
-        rec.ttft_ms = res.ttft_ms + (rec.e2e_ms - res.ttft_ms - res.decode_ms)  # + messaging overhead
-        rec.prefill_compute_ms = res.ttft_ms
-        rec.output_tokens = len(res.token_ids)
-        rec.tpot_ms = res.decode_ms / (rec.output_tokens - 1) if rec.output_tokens > 1 else 0.0
-        rec.finish_reason = "length" if rec.output_tokens >= req.sampling.max_tokens else "stop"
-        det = await self.detokenize(res.token_ids) if res.token_ids and self.decode else None
-        if det is None:
-            for tok in res.token_ids:
-                yield TokenEvent(tok, "")
-            return
-        stops = tuple(req.sampling.stop or ())
-        for n, (tok, piece, eog) in enumerate(zip(res.token_ids, det.pieces, det.is_eog), 1):
-            if eog:
-                rec.output_tokens, rec.finish_reason = n, "stop"
-                yield TokenEvent(tok, "")
-                return
-            cut = _stop_cut(rec.text, piece, stops)
-            if cut is not None:
-                rec.output_tokens, rec.finish_reason = n, "stop"
-                rec.text += cut
-                yield TokenEvent(tok, cut)
-                return
-            rec.text += piece
-            yield TokenEvent(tok, piece)
+        rec.on_generate_done(res, msg.max_tokens)
+        return res
 
 
-def _stop_cut(text: str, piece: str, stops: tuple[str, ...]) -> str | None:
-    """If a stop string completes with `piece`, the part of the piece before it (as llama.cpp's side does)."""
-    tail = text + piece
-    for stop in stops:
-        at = tail.find(stop, max(0, len(text) - len(stop) + 1))
-        if at >= 0:
-            return tail[len(text):at] if at >= len(text) else ""
-    return None
+def _refusal_error(reply: Refused) -> Exception:
+    """A decode worker's refusal as the error the API answers with (503 for capacity, else 400), by its code."""
+    return error_for_code(reply.code, reply.reason)
 
 
 def _samples_first(pre: WorkerLink) -> bool:
     """Whether the prefill worker says (in its last Pong) that it can sample a first token."""
-    return bool(pre.last_pong is not None and pre.last_pong.extra.get("first_token"))
+    return pre.last_pong is not None and pre.last_pong.capabilities.samples_first_token

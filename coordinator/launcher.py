@@ -20,6 +20,7 @@ import zmq
 
 from homelab_disagg.config import DecodeEndpoint, LabConfig, PrefillEndpoint
 from homelab_disagg.errors import PeerError
+from homelab_disagg.topology import read_topology
 from wire import messages
 
 
@@ -116,8 +117,6 @@ class LocalLab:
         """NUMA node per decode worker (None: unbound)."""
         if not self.decode_per_numa_node:
             return [None] * self.num_decode
-        from decode_cpu.numa import read_topology  # sysfs only, no engine
-
         return [n.node_id for n in read_topology().nodes]
 
     def _spawn(self, role, name, ctl, argv, log_dir: Path, env, kv: str = "") -> None:

@@ -2,7 +2,13 @@
 
 One record per request is the "transfer cost vs specialization gain" ledger: where the time to
 the first token went (queue, prefill compute, encode, exposed wire time, inject, first decode
-step), how fast tokens came after it, and how many KV bytes moved.
+step), how fast tokens came after it, and how many KV bytes moved. The coordinator fills it beside
+the request path, one `on_...` call per protocol message, in this order:
+
+    start -> on_admit -> on_admit_reply -> [on_prefill] -> on_token ... -> on_finished -> [on_prefill_done]
+    (colocated on the prefill engine: on_generate -> on_generate_done -> [on_stopped])
+
+The record holds figures only: the response text belongs to whoever asked for it.
 """
 
 from __future__ import annotations
@@ -16,10 +22,15 @@ import platform
 import socket
 import statistics
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+
+from wire.messages import Admit, Admitted, Finished, Generate, GenerateDone, PrefillDone
+
+_NOT_A_COLUMN = {"column": False}  # kept on the record, not written as a CSV column
 
 
 @dataclass
@@ -48,16 +59,104 @@ class RequestRecord:
     error: str = ""
     prefill_worker: str = ""
     decode_worker: str = ""
-    itl_ms: list = field(default_factory=list, repr=False)
-    text: str = field(default="", repr=False)
+    itl_ms: list = field(default_factory=list, repr=False, metadata=_NOT_A_COLUMN)
+    # the clock behind the figures above, time.perf_counter() seconds
+    _t_start_s: float = field(default=0.0, init=False, repr=False, compare=False, metadata=_NOT_A_COLUMN)
+    _t_admit_s: float = field(default=0.0, init=False, repr=False, compare=False, metadata=_NOT_A_COLUMN)
+    _t_last_token_s: float | None = field(default=None, init=False, repr=False, compare=False, metadata=_NOT_A_COLUMN)
+    _is_admitted: bool = field(default=False, init=False, repr=False, compare=False, metadata=_NOT_A_COLUMN)
 
     @property
     def kv_gbps(self) -> float:
         """Achieved KV goodput while the stream was arriving, GB/s."""
         return self.kv_bytes_wire / (self.kv_recv_ms * 1e6) if self.kv_recv_ms > 0 else 0.0
 
+    # --- through a decode worker (disaggregated, colocated-cpu), across failovers ------------------
 
-CSV_FIELDS = [f.name for f in dataclasses.fields(RequestRecord) if f.name not in ("itl_ms", "text")] + ["kv_gbps"]
+    def start(self) -> None:
+        """The request goes to the decode workers: TTFT and E2E count from here."""
+        self._t_start_s, self._t_last_token_s, self._is_admitted = time.perf_counter(), None, False
+
+    def on_admit(self, msg: Admit, decode_worker: str) -> None:
+        """An Admit goes out (again, after a failover). The request's id, admission time and prompt
+        are those of the Admit that first gets the prompt admitted."""
+        if not self._is_admitted:
+            self.request_id = msg.request_id.hex()
+        self.decode_worker = decode_worker
+        self._t_admit_s = time.perf_counter()
+
+    def on_admit_reply(self, reply) -> None:
+        """Admitted, Refused or Failed."""
+        if isinstance(reply, Admitted) and self.architecture == "disaggregated":
+            self.prefill_worker = "local"  # until a Prefill goes out
+        if self._is_admitted:
+            return  # a failover's re-admission
+        self.admit_ms = (time.perf_counter() - self._t_admit_s) * 1e3
+        if isinstance(reply, Admitted):
+            self.prompt_tokens, self._is_admitted = len(reply.token_ids), True
+
+    def on_prefill(self, prefill_worker: str) -> None:
+        """A Prefill goes out to `prefill_worker`, its KV to the decode worker."""
+        self.prefill_worker = prefill_worker
+
+    def on_token(self) -> None:
+        now = time.perf_counter()
+        if self._t_last_token_s is None:
+            self.ttft_ms = (now - self._t_start_s) * 1e3
+        else:
+            self.itl_ms.append((now - self._t_last_token_s) * 1e3)
+        self._t_last_token_s = now
+
+    def on_finished(self, msg: Finished, num_output_tokens: int) -> None:
+        """The decode worker's Finished; `num_output_tokens` counts those of earlier decode workers too."""
+        self.finish_reason = msg.finish_reason
+        self.output_tokens = num_output_tokens
+        t = msg.timings
+        self.queue_ms = max(0.0, t.queue_ms)
+        self.inject_ms = t.inject_ms
+        self.first_step_ms = t.first_step_ms
+        self.kv_recv_ms = t.kv_recv_ms
+        self.kv_wait_ms = t.kv_wait_ms
+        self.kv_bytes_wire += t.kv_bytes_wire
+        self.e2e_ms = (time.perf_counter() - self._t_start_s) * 1e3
+        self.tpot_ms = (self.e2e_ms - self.ttft_ms) / (num_output_tokens - 1) if num_output_tokens > 1 else 0.0
+
+    def on_prefill_done(self, msg: PrefillDone) -> None:
+        """After on_finished: the prefill worker answers once its KV has drained to the link."""
+        self.prefill_compute_ms += msg.compute_ms
+        self.encode_ms += msg.encode_ms
+        self.kv_bytes_raw += msg.bytes_raw
+        # what of the TTFT is neither compute nor the decode side's own work; a first token sampled by
+        # the prefill worker is streamed before the inject and the first step
+        decode_side = 0.0 if msg.first_token >= 0 else self.queue_ms + self.inject_ms + self.first_step_ms
+        self.wire_exposed_ms = max(
+            0.0, self.ttft_ms - self.admit_ms - self.prefill_compute_ms - self.encode_ms - decode_side,
+        )
+
+    def on_length_reached(self, num_output_tokens: int) -> None:
+        """Every token owed had arrived when its decode worker was lost, before its Finished."""
+        self.finish_reason, self.output_tokens = "length", num_output_tokens
+
+    # --- colocated on the prefill engine ------------------------------------------------------------
+
+    def on_generate(self, msg: Generate, prefill_worker: str) -> None:
+        self.request_id, self.prefill_worker, self.prompt_tokens = msg.request_id.hex(), prefill_worker, len(msg.token_ids)
+        self._t_start_s = time.perf_counter()
+
+    def on_generate_done(self, msg: GenerateDone, max_tokens: int) -> None:
+        self.e2e_ms = (time.perf_counter() - self._t_start_s) * 1e3
+        self.ttft_ms = self.e2e_ms - msg.decode_ms  # the engine's own TTFT plus the messaging around it
+        self.prefill_compute_ms = msg.ttft_ms
+        self.output_tokens = len(msg.token_ids)
+        self.tpot_ms = msg.decode_ms / (self.output_tokens - 1) if self.output_tokens > 1 else 0.0
+        self.finish_reason = "length" if self.output_tokens >= max_tokens else "stop"
+
+    def on_stopped(self, num_output_tokens: int) -> None:
+        """The text ended at an end-of-generation token or a stop string, after this many tokens."""
+        self.output_tokens, self.finish_reason = num_output_tokens, "stop"
+
+
+CSV_FIELDS = [f.name for f in dataclasses.fields(RequestRecord) if f.metadata.get("column", True)] + ["kv_gbps"]
 
 
 def percentile(values, q: float) -> float:

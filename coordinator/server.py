@@ -1,9 +1,9 @@
 """The OpenAI-compatible HTTP front of the coordinator (what `homelab-disagg serve` runs).
 
     POST /v1/completions | /v1/chat/completions
-        -> parse and validate (400 with an OpenAI error body) -> Coordinator.generate
-        -> first token (admission errors still become 400/503) -> JSON, or SSE `data: {...}` chunks
-        -> record: metrics, --records file
+        -> the body validated as a pydantic model (openai_protocol.py; 400 with an OpenAI error body)
+        -> Coordinator.generate -> first token (admission errors still become 400/503)
+        -> JSON, or SSE `data: {...}` chunks -> record: metrics, --records file
     GET /v1/models, /health, /status (workers, slots), /metrics (Prometheus text)
 
 A client that goes away mid-stream cancels its request: the decode worker gets a Cancel and frees
@@ -16,29 +16,27 @@ import asyncio
 import csv
 import json
 import logging
-import random
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from coordinator.core import Coordinator, GenerationRequest, PromptTooLong
+from coordinator.core import Coordinator, GenerationRequest
 from coordinator.metrics import ServeMetrics
+from coordinator.openai_protocol import (
+    RETRY_AFTER_S, ApiError, ChatCompletionRequest, CompletionRequest, api_error_from_validation,
+)
 from coordinator.records import CSV_FIELDS, RequestRecord, record_row
-from homelab_disagg.errors import CapacityError, PeerError, RequestError
-from wire.messages import Sampling
+from homelab_disagg.errors import CapacityError, PeerError, PromptTooLong, RequestError
 
 log = logging.getLogger("coordinator")
-
-DEFAULT_MAX_TOKENS_COMPLETION = 16  # OpenAI's and vLLM's default for /v1/completions
-DEFAULT_MAX_TOKENS_CHAT = 512
-RETRY_AFTER_S = 1
 
 
 @dataclass(frozen=True)
@@ -48,23 +46,6 @@ class ServeOptions:
     served_model_name: str | None = None  # None: the GGUF's name as the workers report it
     records_path: Path | None = None  # JSON lines, or CSV when the name ends in .csv
     log_level: str = "warning"
-
-
-class ApiError(Exception):
-    """An error answered with OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type_ or ("invalid_request_error" if status < 500 else "service_unavailable_error")
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        headers = {"Retry-After": str(RETRY_AFTER_S)} if self.status == 503 else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
 def api_error_from(e: Exception, prompt_param: str = "prompt") -> ApiError:
@@ -83,110 +64,12 @@ def api_error_from(e: Exception, prompt_param: str = "prompt") -> ApiError:
     return ApiError(500, f"internal error: {type(e).__name__}: {e}", None, "internal_error", "server_error")
 
 
-# --- request parsing -----------------------------------------------------------------------
-
-
-def _int(body: dict, key: str, default, lo: int | None = None) -> int | None:
-    v = body.get(key, default)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ApiError(400, f"{key} must be an integer, got {json.dumps(v)}", key, "invalid_type")
-    if lo is not None and v < lo:
-        raise ApiError(400, f"{key} must be >= {lo}, got {v}", key, "invalid_value")
-    return v
-
-
-def _float(body: dict, key: str, default: float, lo: float, hi: float) -> float:
-    v = body.get(key, default)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ApiError(400, f"{key} must be a number, got {json.dumps(v)}", key, "invalid_type")
-    if not lo <= v <= hi:
-        raise ApiError(400, f"{key} must be in [{lo}, {hi}], got {v}", key, "invalid_value")
-    return float(v)
-
-
-def parse_sampling(body: dict, default_max_tokens: int) -> Sampling:
-    max_tokens = _int(body, "max_completion_tokens", None, 1)
-    max_tokens = _int(body, "max_tokens", max_tokens or default_max_tokens, 1)
-    if _int(body, "n", 1, 1) != 1:
-        raise ApiError(400, "only n=1 is supported", "n", "unsupported")
-    if body.get("echo") or body.get("logprobs") not in (None, False) or body.get("best_of") not in (None, 1):
-        raise ApiError(400, "echo, logprobs and best_of are not supported", "logprobs", "unsupported")
-    stop = body.get("stop")
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise ApiError(400, "stop must be a non-empty string or a list of them", "stop", "invalid_type")
-    temperature = _float(body, "temperature", 0.0, 0.0, 2.0)  # greedy unless asked (llama.cpp and vLLM differ here)
-    top_k = _int(body, "top_k", 0, -1)
-    seed = _int(body, "seed", None)
-    ignore_eos = body.get("ignore_eos", False)
-    if not isinstance(ignore_eos, bool):
-        raise ApiError(400, "ignore_eos must be true or false", "ignore_eos", "invalid_type")
-    return Sampling(
-        max_tokens=max_tokens, temperature=temperature, top_k=max(0, top_k), top_p=_float(body, "top_p", 1.0, 0.0, 1.0),
-        seed=seed if seed is not None else (random.getrandbits(31) if temperature > 0 else 0),
-        stop=tuple(stop), ignore_eos=ignore_eos,
-    )
-
-
-def parse_prompt(body: dict) -> dict:
-    """One prompt: a string, or token ids; a batch of exactly one is unwrapped."""
-    p = body.get("prompt")
-    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-        p = p[0]
-    if isinstance(p, str) and p:
-        return {"prompt": p}
-    if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-        return {"token_ids": p}
-    if isinstance(p, list) and len(p) > 1:
-        raise ApiError(400, "one prompt per request is supported (send a batch as separate requests)", "prompt", "unsupported")
-    raise ApiError(400, "prompt must be a non-empty string or a list of token ids", "prompt", "invalid_type")
-
-
-def parse_messages(body: dict) -> list[dict]:
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise ApiError(400, "messages must be a non-empty list of {role, content}", "messages", "invalid_type")
-    out = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise ApiError(400, f"messages[{i}] must be an object with a role", "messages", "invalid_type")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: only text is understood
-            if not all(isinstance(c, dict) and c.get("type") == "text" for c in content):
-                raise ApiError(400, f"messages[{i}].content: only text parts are supported", "messages", "unsupported")
-            content = "".join(str(c.get("text", "")) for c in content)
-        if content is None:
-            content = ""
-        if not isinstance(content, str):
-            raise ApiError(400, f"messages[{i}].content must be a string", "messages", "invalid_type")
-        out.append({"role": m["role"], "content": content})
-    return out
-
-
-async def read_body(request: Request) -> dict:
-    raw = await request.body()
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON: {e}", None, "invalid_json") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")
-    return body
-
-
 # --- one request ---------------------------------------------------------------------------
 
 
 @dataclass
 class Exchange:
-    """One HTTP request's generation: the coordinator's stream, its record, how it ended."""
+    """One HTTP request's generation: the coordinator's stream, its record, the text, how it ended."""
 
     gen: Any
     rec: RequestRecord
@@ -194,6 +77,7 @@ class Exchange:
     model: str
     include_usage: bool
     first: Any = None
+    text: str = ""  # for the whole (non-streamed) response
     outcome: str = ""
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
@@ -220,11 +104,11 @@ class Exchange:
     def full(self) -> dict:
         r = self.rec
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
+            choice = {"index": 0, "message": {"role": "assistant", "content": self.text}, "logprobs": None,
                       "finish_reason": r.finish_reason or "stop"}
             obj = "chat.completion"
         else:
-            choice = {"index": 0, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason or "stop"}
+            choice = {"index": 0, "text": self.text, "logprobs": None, "finish_reason": r.finish_reason or "stop"}
             obj = "text_completion"
         return {"id": self.object_id, "object": obj, "created": self.created, "model": self.model,
                 "choices": [choice], "usage": self.usage()}
@@ -239,7 +123,7 @@ class Server:
 
     def __init__(self, coord: Coordinator, opts: ServeOptions):
         self.coord, self.opts = coord, opts
-        self.metrics = ServeMetrics()
+        self.metrics = ServeMetrics(lambda: coord.links, lambda: coord.num_failovers)
         self._records = RecordSink(opts.records_path) if opts.records_path else None
         self.app = self._build()
 
@@ -249,22 +133,28 @@ class Server:
 
     def _build(self) -> FastAPI:
         app = FastAPI(title="homelab-disagg", docs_url=None, redoc_url=None)
+        app.add_middleware(_JsonWhateverTheContentType)
 
         @app.exception_handler(ApiError)
         async def _api_error(_req, e: ApiError):
             return e.response()
 
+        @app.exception_handler(RequestValidationError)
+        async def _invalid_body(_req, e: RequestValidationError):
+            return api_error_from_validation(list(e.errors())).response()
+
         @app.exception_handler(StarletteHTTPException)
         async def _http_error(_req, e: StarletteHTTPException):
-            return ApiError(e.status_code, str(e.detail), None, "not_found" if e.status_code == 404 else None).response()
+            code = {400: "invalid_json", 404: "not_found"}.get(e.status_code)  # a 400 here: a body FastAPI could not read
+            return ApiError(e.status_code, str(e.detail), None, code).response()
 
         @app.post("/v1/completions")
-        async def completions(request: Request):
-            return await self.handle(request, chat=False)
+        async def completions(body: CompletionRequest):
+            return await self.handle(body)
 
         @app.post("/v1/chat/completions")
-        async def chat_completions(request: Request):
-            return await self.handle(request, chat=True)
+        async def chat_completions(body: ChatCompletionRequest):
+            return await self.handle(body)
 
         @app.get("/v1/models")
         async def models():
@@ -283,8 +173,7 @@ class Server:
 
         @app.get("/metrics")
         async def metrics():
-            return PlainTextResponse(self.metrics.render(self.coord.links, self.coord.num_failovers),
-                                     media_type="text/plain; version=0.0.4")
+            return Response(self.metrics.render(), media_type=self.metrics.content_type)
 
         return app
 
@@ -314,23 +203,15 @@ class Server:
 
     # --- the request path ----------------------------------------------------------------
 
-    async def handle(self, request: Request, chat: bool):
-        body = await read_body(request)
-        model = body.get("model")
-        if model is not None and model != self.model:
-            raise ApiError(400, f"model {model!r} is not served here; this server serves {self.model!r} (see /v1/models)",
-                           "model", "model_not_found")
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise ApiError(400, "stream must be true or false", "stream", "invalid_type")
-        opts = body.get("stream_options") or {}
-        if not isinstance(opts, dict):
-            raise ApiError(400, "stream_options must be an object", "stream_options", "invalid_type")
-        sampling = parse_sampling(body, DEFAULT_MAX_TOKENS_CHAT if chat else DEFAULT_MAX_TOKENS_COMPLETION)
-        what = {"messages": parse_messages(body)} if chat else parse_prompt(body)
+    async def handle(self, body: CompletionRequest | ChatCompletionRequest):
+        """One validated body: generate, answer with the whole text or stream it."""
+        if body.model is not None and body.model != self.model:
+            raise ApiError(400, f"model {body.model!r} is not served here; this server serves {self.model!r} "
+                                "(see /v1/models)", "model", "model_not_found")
+        chat = isinstance(body, ChatCompletionRequest)
         rec = RequestRecord("", self.coord.lab.architecture)
-        gen = self.coord.generate(GenerationRequest(sampling=sampling, **what), rec)
-        ex = Exchange(gen, rec, chat, self.model, bool(opts.get("include_usage")) and stream)
+        gen = self.coord.generate(GenerationRequest(sampling=body.sampling(), **body.prompt_fields()), rec)
+        ex = Exchange(gen, rec, chat, self.model, body.include_usage)
         self.metrics.running += 1
         try:
             ex.first = await anext(gen, None)  # admission: errors here are still an HTTP status
@@ -340,13 +221,15 @@ class Server:
         except BaseException as e:  # the client went away while waiting
             self.finish(ex, "cancelled", e)
             raise
-        if stream:
+        if body.stream:
             return StreamingResponse(self.stream(ex), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                                      background=BackgroundTask(self.close_exchange, ex))
         try:
-            async for _ in gen:
-                pass
+            ev = ex.first
+            while ev is not None:
+                ex.text += ev.piece
+                ev = await anext(gen, None)
         except Exception as e:
             self.finish(ex, "error", e)
             raise api_error_from(e) from None
@@ -394,6 +277,20 @@ class Server:
     def close(self) -> None:
         if self._records is not None:
             self._records.close()
+
+
+class _JsonWhateverTheContentType:
+    """A POST body is read as JSON whatever its Content-Type says (`curl -d` sends a form type), as
+    this server always has; FastAPI would read it as JSON only by that header."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST":
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
 
 
 class RecordSink:

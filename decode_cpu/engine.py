@@ -1,6 +1,6 @@
 """The CPU decode engine: one llama.cpp context, many sequence slots, one batched step at a time.
 
-    admit -> (KV injected | local prefill) -> step, step, ... -> finish (cells freed at once)
+    admit -> (KV frames assembled | local prefill) -> step, step, ... -> finish (cells freed at once)
 
 Every `step` decodes one token for each running sequence in a single `llama_decode` call, plus
 (if any) a chunk of a local prefill, so new sequences join the running batch the step after
@@ -26,13 +26,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from decode_cpu import llama
+from decode_cpu import kv_assembler, llama
 from decode_cpu.kv_assembler import Geometry
 from decode_cpu.kv_state import StateLayout, StateLayoutError, parse_state
 from decode_cpu.slots import SlotTable
 from homelab_disagg.config import DecodeWorkerConfig
-from homelab_disagg.errors import RequestError
+from homelab_disagg.errors import PromptTooLong, RequestError
 from homelab_disagg.model import ModelInfo
+from wire import frame
 from wire.messages import Sampling
 
 WAIT_KV, READY, PREFILL, RUNNING, DONE = "wait_kv", "ready", "prefill", "running", "done"
@@ -100,7 +101,8 @@ class Sequence:
     next_token: int = -1  # token to feed at position n_past in the next step
     output_ids: list[int] = field(default_factory=list)
     out: OutputText = field(default_factory=OutputText)
-    state_buf: bytearray | None = None
+    assembly: kv_assembler.Assembly | None = None  # the KV layers landed so far, while WAIT_KV
+    state_buf: bytearray | None = None  # the whole KV state, from its last layer until injected
     t_admit_s: float = field(default_factory=time.perf_counter)
     timings: dict = field(default_factory=dict)
 
@@ -161,6 +163,28 @@ class DecodeEngine:
             raise RequestError("the request has no prompt")
         return self.model.tokenize(prompt, add_special=True, parse_special=False)
 
+    def detokenize(self, token_ids: list[int], stop=()) -> tuple[list[str], list[bool]]:
+        """Pieces per token for tokens sampled elsewhere, by the text rules of this engine's own
+        output (an incomplete UTF-8 tail moves to the next token's piece; a stop string and what
+        follows it are cut), and whether generation ends at each: both lists stop at the first
+        end-of-generation token or the token that completes a stop string."""
+        if any(not 0 <= t < self.model.n_vocab for t in token_ids):
+            raise RequestError(f"token ids must be in 0..{self.model.n_vocab - 1}")
+        pieces, is_eog, text = [], [], OutputText(stop)
+        for tok in token_ids:
+            if self.model.is_eog(tok):
+                pieces.append(text.flush())
+                is_eog.append(True)
+                return pieces, is_eog
+            piece, stopped = text.add(self.model.token_bytes(tok))
+            pieces.append(piece)
+            is_eog.append(stopped)
+            if stopped:
+                return pieces, is_eog
+        if pieces:
+            pieces[-1] += text.flush()
+        return pieces, is_eog
+
     def admit(self, request_id: bytes, prompt_ids: list[int], sampling: Sampling, local_prefill: bool, owner=b"",
               first_from_prefill: bool = False) -> Sequence:
         if request_id in self.seqs:
@@ -168,12 +192,18 @@ class DecodeEngine:
         if not prompt_ids:
             raise RequestError("the request has no prompt tokens")
         if len(prompt_ids) + 1 > self.ctx.n_ctx_seq:
-            raise RequestError(
+            raise PromptTooLong(
                 f"prompt of {len(prompt_ids)} tokens does not fit a decode slot of {self.ctx.n_ctx_seq} tokens; "
                 "shorten it or start the decode worker with a larger --slot-ctx"
             )
         if sampling.max_tokens < 1:
             raise RequestError("max_tokens must be >= 1")
+        if sampling.max_tokens >= self.ctx.n_ctx_seq:  # never met, whatever the prompt: no slot held for it
+            raise PromptTooLong(
+                f"max_tokens {sampling.max_tokens} does not fit a decode slot of {self.ctx.n_ctx_seq} tokens, prompt "
+                f"included (this prompt leaves room for {self.ctx.n_ctx_seq - len(prompt_ids)}); lower max_tokens or "
+                "start the decode worker with a larger --slot-ctx"
+            )
         if sampling.temperature > 0 and not (sampling.top_k >= 0 and 0.0 < sampling.top_p <= 1.0):
             raise RequestError("top_k must be >= 0 and top_p in (0, 1]")
         self.slots.check_capacity(len(self.seqs))
@@ -188,17 +218,49 @@ class DecodeEngine:
             seq.first_from_prefill = first_from_prefill
         return seq
 
+    # --- waiting for KV: a sequence in WAIT_KV holds its partial assembly; release drops both ---
+
+    def add_kv_frame(self, h: frame.FrameHeader, k_payload, v_payload) -> None:
+        """Place one layer of a waiting sequence's KV stream; its last layer makes the sequence ready.
+        Frames for a request that waits for no KV (cancelled, failed, unknown) are dropped quietly.
+        Raises a named FrameError (or CodecError, ValueError) for a frame this sequence cannot use:
+        the caller cancels the request."""
+        seq = self.seqs.get(h.request_id)
+        if seq is None or seq.state != WAIT_KV:
+            return
+        if h.kind == frame.KIND_ABORT:
+            raise frame.FrameError("the prefill worker aborted this request's KV stream")
+        asm = seq.assembly
+        if asm is None:
+            if h.num_tokens != self.expected_kv_tokens(seq):
+                raise frame.GeometryMismatch(
+                    f"KV stream carries {h.num_tokens} tokens, the admitted prompt needs {self.expected_kv_tokens(seq)}"
+                )
+            asm = seq.assembly = kv_assembler.start_assembly(self.geometry, h)
+        kv_assembler.add_layer(self.geometry, asm, h, k_payload, v_payload)
+        if asm.complete:
+            seq.assembly = None
+            seq.timings["kv_bytes_wire"] = asm.bytes_wire
+            self.kv_landed(seq, asm.buf, asm.first_frame_s, asm.last_frame_s)
+
     def kv_landed(self, seq: Sequence, state_buf: bytearray, t_first_frame_s: float, t_last_frame_s: float) -> None:
+        """The whole KV state of a waiting sequence is in (from add_kv_frame, or built elsewhere)."""
         seq.state_buf, seq.state = state_buf, READY
         seq.timings["kv_wait_ms"] = (t_last_frame_s - seq.t_admit_s) * 1e3
         seq.timings["kv_recv_ms"] = (t_last_frame_s - t_first_frame_s) * 1e3
         if not seq.first_from_prefill or seq.output_ids:  # else it waits for its first token
             self._ready.append(seq.request_id)
 
-    def accept_first_token(self, seq: Sequence, token_id: int) -> StepOutput | None:
+    def accept_first_token(self, request_id: bytes, token_id: int) -> StepOutput | None:
         """The first output token of a sequence admitted with first_from_prefill, sampled by the
         prefill worker: stream it now (stop strings, EOS and max_tokens apply as to any token) and
-        decode from it once the KV is in. None when the sequence takes no such token (any more)."""
+        decode from it once the KV is in. None when the request is gone or takes no such token (any
+        more); RequestError, with the sequence left as it was, when token_id is not of this model."""
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            return None
+        if not 0 <= token_id < self.model.n_vocab:
+            raise RequestError(f"first token {token_id} is not a token id of this model")
         if not seq.first_from_prefill or seq.output_ids or seq.state not in (WAIT_KV, READY):
             return None
         out = self._advance(seq, token_id, 0.0)
@@ -210,6 +272,28 @@ class DecodeEngine:
 
     def expected_kv_tokens(self, seq: Sequence) -> int:
         return len(seq.prompt_ids) - (0 if seq.first_from_prefill else 1)
+
+    def expire_stalled_kv(self, now_s: float) -> list[tuple[Sequence, str]]:
+        """Release the sequences whose KV stream has been silent for kv_timeout_s (since admission,
+        or since its last layer). Returns each with why."""
+        expired = []
+        for seq in [s for s in self.seqs.values() if s.state == WAIT_KV]:
+            asm = seq.assembly
+            last = asm.last_frame_s or asm.first_frame_s if asm else seq.t_admit_s
+            if now_s - last > self.cfg.kv_timeout_s:
+                got = f"{asm.next_layer} of {asm.layout.num_layers} layers" if asm else "no layer"
+                self.release(seq)
+                expired.append((seq, f"KV stream stalled: {got} arrived within {self.cfg.kv_timeout_s:.0f} s; "
+                                     "the prefill worker may have died"))
+        return expired
+
+    def cancel(self, request_id: bytes) -> Sequence | None:
+        """Drop a request wherever it is: waiting for KV, for a slot, or running. Returns its
+        sequence, None when there is none (finished, failed or never admitted)."""
+        seq = self.seqs.get(request_id)
+        if seq is not None:
+            self.release(seq)
+        return seq
 
     # --- the loop's stages ---------------------------------------------------------------
 
@@ -249,7 +333,6 @@ class DecodeEngine:
         seq.n_past, seq.state = n_cells, RUNNING
         self.running[seq.slot] = seq
         seq.timings["inject_ms"] = (time.perf_counter() - t0) * 1e3
-        seq.timings["t_inject_done_s"] = time.perf_counter()
 
     def _check_state(self, buf, n_cells: int) -> None:
         """A state buffer must be exactly what this context would write for n_cells cells at
@@ -273,6 +356,15 @@ class DecodeEngine:
     def has_work(self) -> bool:
         return bool(self.running or self.prefilling)
 
+    @property
+    def num_free_slots(self) -> int:
+        return self.slots.num_free
+
+    @property
+    def num_queued(self) -> int:
+        """Admitted requests holding no slot yet: waiting for their KV, their first token or a slot."""
+        return len(self.seqs) - self.slots.num_held
+
     def step(self) -> list[StepOutput]:
         """One llama_decode over all running sequences (+ local prefill chunks). Returns tokens."""
         if not self.running and not self.prefilling:
@@ -291,8 +383,7 @@ class DecodeEngine:
         """Move sequences down into holes that no waiting request will fill (see slots.py: each
         run of consecutive slots costs llama.cpp a pass over the weights). A move copies the
         sequence's used cells through its state: exact, and paid once per hole, not per step."""
-        num_waiting = len(self.seqs) - self.slots.num_held  # will take the lowest holes when placed
-        while self.slots.num_holes > num_waiting:
+        while self.slots.num_holes > self.num_queued:  # queued ones take the lowest holes when placed
             src, dst = self.slots.next_move()
             table = self.running if src in self.running else self.prefilling
             seq = table[src]
@@ -394,6 +485,16 @@ class DecodeEngine:
             self.release(s)
         return outputs
 
+    def timings_of(self, seq: Sequence) -> dict:
+        """A finished sequence's figures for Finished (ms, bytes): its stages, decode_ms from its
+        first output token to now, and tpot_ms per output token after the first."""
+        t, now_s = dict(seq.timings), time.perf_counter()
+        first_s = t.pop("t_first_token_s", now_s)
+        num_out = len(seq.output_ids)
+        t["decode_ms"] = (now_s - first_s) * 1e3
+        t["tpot_ms"] = t["decode_ms"] / (num_out - 1) if num_out > 1 else 0.0
+        return t
+
     def release(self, seq: Sequence) -> None:
         """Free everything the sequence holds, at once. Releasing twice is a no-op."""
         if self.seqs.pop(seq.request_id, None) is None:
@@ -407,7 +508,7 @@ class DecodeEngine:
         if seq.sampler is not None:
             seq.sampler.close()
             seq.sampler = None
-        seq.state, seq.state_buf = DONE, None
+        seq.state, seq.assembly, seq.state_buf = DONE, None, None
         self.num_finished += 1
 
     def close(self) -> None:

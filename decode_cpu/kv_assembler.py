@@ -14,7 +14,7 @@ import functools
 import time
 from dataclasses import dataclass, field
 
-from decode_cpu.kv_state import StateLayout, row_bytes
+from decode_cpu.kv_state import StateLayout
 from wire import codecs, frame, native, two_cores
 
 
@@ -91,14 +91,10 @@ def decode_kv(codec: codecs.Codec, k_payload, v_payload, num_tokens: int, row_el
     only a view, with nothing to share."""
     k_rows = functools.partial(codec.decode, k_payload, num_tokens, row_elems, cache_type, "k", head_dim, k_out)
     v_rows = functools.partial(codec.decode, v_payload, num_tokens, row_elems, cache_type, "v", head_dim, v_out)
-    # kivi4 into f16 in C costs ~0.2 ns per element on a dev-box core (36 us for a 1024-token matrix of the
-    # default model), less than handing K over (50-90 us there); every other conversion costs >= 0.7
+    # kivi4 into f16 in C is several times cheaper per element than any other conversion, so handing K to
+    # the codec thread pays only from 8x the elements the others need
     fast = codec is codecs.KIVI4 and cache_type == "f16" and native.available()
     min_elems = two_cores.MIN_ELEMS * (8 if fast else 1)
     if codec.native_cache_type == cache_type or not two_cores.worth_it(num_tokens * row_elems, min_elems):
         return k_rows(), v_rows()
     return two_cores.k_and_v(k_rows, v_rows)
-
-
-def state_bytes(geom: Geometry, num_tokens: int) -> int:
-    return 2 * geom.num_layers * num_tokens * row_bytes(geom.cache_type, geom.row_elems)

@@ -26,11 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-GGML_TYPE_IDS = {"f16": 1, "q4_0": 2, "q8_0": 8}
-GGML_TYPE_NAMES = {v: k for k, v in GGML_TYPE_IDS.items()}
+from wire.ggml import GGML_TYPES
+
 STATE_MAGIC = 0xAF143CD8
-BLOCK_ELEMS = 32  # q8_0 and q4_0 quantize blocks of 32 elements
-BLOCK_BYTES = {"q8_0": 34, "q4_0": 18}
 
 
 class StateLayoutError(ValueError):
@@ -39,11 +37,10 @@ class StateLayoutError(ValueError):
 
 def row_bytes(cache_type: str, row_elems: int) -> int:
     """Bytes of one token's K (or V) row of one layer in a llama.cpp cache of that type."""
-    if cache_type == "f16":
-        return 2 * row_elems
-    if row_elems % BLOCK_ELEMS:
-        raise StateLayoutError(f"{cache_type} needs rows that are multiples of 32 elements, got {row_elems}")
-    return row_elems // BLOCK_ELEMS * BLOCK_BYTES[cache_type]
+    t = GGML_TYPES[cache_type]
+    if row_elems % t.block_elems:
+        raise StateLayoutError(f"{cache_type} needs rows that are multiples of {t.block_elems} elements, got {row_elems}")
+    return t.row_bytes(row_elems)
 
 
 @dataclass(frozen=True)
@@ -61,7 +58,7 @@ class StateLayout:
     @classmethod
     def for_cache(cls, n_stream, num_cells, num_layers, row_elems, cache_type="f16"):
         rb = row_bytes(cache_type, row_elems)
-        t = GGML_TYPE_IDS[cache_type]
+        t = GGML_TYPES[cache_type].type_id
         return cls(n_stream, num_cells, num_layers, rb, rb, t, t)
 
     @property

@@ -16,8 +16,8 @@ import llama_cpp
 from llama_cpp import _logger as _llama_logger
 
 from homelab_disagg.errors import ModelError
+from wire.ggml import GGML_TYPES
 
-GGML_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
 NUMA_OFF = llama_cpp.GGML_NUMA_STRATEGY_DISABLED
 NUMA_NUMACTL = llama_cpp.GGML_NUMA_STRATEGY_NUMACTL  # threads follow the CPU set the process is bound to
 _backend_lock = threading.Lock()
@@ -36,10 +36,6 @@ def init_backend(numa_strategy: int = NUMA_OFF, verbose: bool = False) -> None:
         if numa_strategy and not _backend["numa"]:
             llama_cpp.llama_numa_init(numa_strategy)
             _backend["numa"] = numa_strategy
-
-
-def numa_strategy() -> int:
-    return _backend["numa"]
 
 
 class LlamaModel:
@@ -144,7 +140,7 @@ class LlamaContext:
         cp.n_ubatch = p.n_batch
         cp.n_seq_max = p.n_seq_max
         cp.n_threads = cp.n_threads_batch = p.n_threads
-        cp.type_k, cp.type_v = GGML_TYPES[p.type_k], GGML_TYPES[p.type_v]
+        cp.type_k, cp.type_v = GGML_TYPES[p.type_k].type_id, GGML_TYPES[p.type_v].type_id
         cp.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if p.flash_attn else 0
         cp.kv_unified = p.kv_unified
         cp.no_perf = True

@@ -2,7 +2,9 @@
 
     loop: receive control -> receive KV frames -> place ready sequences -> step -> send tokens
 
-A bad frame, a bad request or a stalled KV stream fails only its own request; the loop goes on.
+This process owns the sockets; the engine owns every request's state, a KV stream still being
+assembled included, and is reached only through its methods. A bad frame, a bad request or a stalled
+KV stream fails only its own request; the loop goes on.
 Started with a NUMA node (`decode-worker --numa-node N`, see decode_cpu/numa.py), the process is
 already bound to that node's CPUs and memory when it gets here; llama.cpp is told to follow
 that binding, and its threads default to the node's physical cores.
@@ -17,16 +19,16 @@ import time
 import psutil
 import zmq
 
-from decode_cpu import kv_assembler, llama, numa
-from decode_cpu.engine import WAIT_KV, DecodeEngine, OutputText
+from decode_cpu import llama, numa
+from decode_cpu.engine import DecodeEngine
 from homelab_disagg import __version__
 from homelab_disagg.config import DecodeWorkerConfig
-from homelab_disagg.errors import CapacityError, RequestError
+from homelab_disagg.errors import DisaggError, RequestError
 from homelab_disagg.model import read_model_info
-from wire import frame, messages, transport
+from wire import codecs, frame, messages, transport
 from wire.messages import (
-    Admit, Admitted, Cancel, Detokenize, Detokenized, Failed, Finished, FirstToken, Ping, Pong, Refused, Tokenize,
-    Tokenized, Tokens,
+    Admit, Admitted, Cancel, Capabilities, DecodeTimings, Detokenize, Detokenized, Failed, Finished, FirstToken, Ping,
+    Pong, Refused, Tokenize, Tokenized, Tokens,
 )
 
 log = logging.getLogger("decode")
@@ -42,11 +44,11 @@ class DecodeWorker:
         self.engine = DecodeEngine(cfg, self.info, n_threads, numa_strategy)
         self.zctx = zmq.Context()
         self.control = transport.bind_router(self.zctx, cfg.control_addr)
+        self.inbox = transport.ControlInbox(self.control, log)
         self.kv = transport.bind_kv_pull(self.zctx, cfg.kv_addr)
         self.poller = zmq.Poller()
         self.poller.register(self.control, zmq.POLLIN)
         self.poller.register(self.kv, zmq.POLLIN)
-        self.assemblies: dict[bytes, kv_assembler.Assembly] = {}
         self.proc = psutil.Process()
         self.proc.cpu_percent()
         self.num_bad_frames = 0
@@ -71,82 +73,61 @@ class DecodeWorker:
     # --- stages -------------------------------------------------------------------------
 
     def receive_control(self) -> None:
-        while True:
-            try:
-                identity, raw = self.control.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except ValueError:
-                continue  # not a [identity, message] pair: ignore
-            try:
-                msg = messages.decode(raw)
-            except messages.MessageError as e:
-                transport.reply(self.control, identity, Failed(b"", str(e), "bad_request"))
-                continue
-            if isinstance(msg, Ping):
-                transport.reply(self.control, identity, self.pong())
-            elif isinstance(msg, Admit):
-                self.admit(identity, msg)
-            elif isinstance(msg, Cancel):
-                self.cancel(msg.request_id)
-            elif isinstance(msg, FirstToken):
-                self.first_token(msg)
-            elif isinstance(msg, Tokenize):
-                try:
-                    ids = self.engine.tokenize_request(msg.prompt, msg.messages, None)
-                    transport.reply(self.control, identity, Tokenized(msg.request_id, ids))
-                except RequestError as e:
-                    transport.reply(self.control, identity, Failed(msg.request_id, str(e), "bad_request"))
-            elif isinstance(msg, Detokenize):
-                transport.reply(self.control, identity, self.detokenize(msg))
+        for identity, msg in self.inbox.pending():  # malformed ones are answered there and never get here
+            self.inbox.dispatch(identity, msg, self.handle, f"decode worker {self.name}")
+
+    def handle(self, identity: bytes, msg: messages.Message) -> None:
+        if isinstance(msg, Ping):
+            transport.reply(self.control, identity, self.pong())
+        elif isinstance(msg, Admit):
+            self.admit(identity, msg)
+        elif isinstance(msg, Cancel):
+            self.cancel(msg.request_id)
+        elif isinstance(msg, FirstToken):
+            self.first_token(msg)
+        elif isinstance(msg, Tokenize):
+            transport.reply(self.control, identity, self.tokenize(msg))
+        elif isinstance(msg, Detokenize):
+            transport.reply(self.control, identity, self.detokenize(msg))
+        else:
+            self.inbox.reject(identity, getattr(msg, "request_id", b""),
+                              f"a decode worker does not take {type(msg).__name__} messages")
 
     def admit(self, identity: bytes, msg: Admit) -> None:
         try:
             ids = self.engine.tokenize_request(msg.prompt, msg.messages, msg.token_ids)
             seq = self.engine.admit(msg.request_id, ids, msg.sampling, msg.kv_source == "local", identity,
                                     first_from_prefill=msg.first_token_from_prefill and msg.kv_source == "remote")
-        except CapacityError as e:
-            transport.reply(self.control, identity, Refused(msg.request_id, str(e), "capacity"))
-            return
-        except RequestError as e:
-            code = "too_long" if "does not fit" in str(e) else "bad_request"
-            transport.reply(self.control, identity, Refused(msg.request_id, str(e), code))
+        except DisaggError as e:  # the refusal's code is its class's, never read from its words
+            transport.reply(self.control, identity, Refused(msg.request_id, str(e), e.code))
             return
         transport.reply(self.control, identity, Admitted(msg.request_id, ids, seq.slot))
 
+    def tokenize(self, msg: Tokenize):
+        try:
+            return Tokenized(msg.request_id, self.engine.tokenize_request(msg.prompt, msg.messages, None))
+        except DisaggError as e:  # RequestError, or ModelError: a chat template llama.cpp cannot render
+            return Failed(msg.request_id, str(e), e.code)
+
     def detokenize(self, msg: Detokenize):
-        """Pieces per token for tokens sampled elsewhere; an incomplete UTF-8 tail moves to the next
-        token's piece (the same text rules as the engine's own output, without stop strings)."""
-        model, pieces, is_eog, text = self.engine.model, [], [], OutputText()
-        if any(not 0 <= int(t) < model.n_vocab for t in msg.token_ids):
-            return Failed(msg.request_id, f"token ids must be in 0..{model.n_vocab - 1}", "bad_request")
-        for tok in map(int, msg.token_ids):
-            eog = model.is_eog(tok)
-            pieces.append("" if eog else text.add(model.token_bytes(tok))[0])
-            is_eog.append(eog)
-        if pieces:
-            pieces[-1] += text.flush()
+        try:
+            pieces, is_eog = self.engine.detokenize([int(t) for t in msg.token_ids], msg.stop)
+        except RequestError as e:
+            return Failed(msg.request_id, str(e), "bad_request")
         return Detokenized(msg.request_id, pieces, is_eog)
 
     def first_token(self, msg: FirstToken) -> None:
-        seq = self.engine.seqs.get(msg.request_id)
-        if seq is None:
-            return  # cancelled or failed meanwhile
-        if not 0 <= int(msg.token_id) < self.engine.model.n_vocab:
-            self.cancel(msg.request_id)
-            self.fail(seq.owner, msg.request_id, f"first token {msg.token_id} is not a token id of this model", "bad_request")
+        try:
+            out = self.engine.accept_first_token(msg.request_id, int(msg.token_id))
+        except RequestError as e:  # not a token of this model: the request cannot go on
+            seq = self.engine.cancel(msg.request_id)
+            self.fail(seq.owner, msg.request_id, str(e), "bad_request")
             return
-        out = self.engine.accept_first_token(seq, int(msg.token_id))
         if out is not None:
-            if out.finish_reason is not None:
-                self.assemblies.pop(msg.request_id, None)  # its remaining KV frames are dropped on arrival
             self.emit([out])
 
     def cancel(self, request_id: bytes) -> None:
-        self.assemblies.pop(request_id, None)
-        seq = self.engine.seqs.get(request_id)
-        if seq is not None:
-            self.engine.release(seq)
+        self.engine.cancel(request_id)
 
     def receive_kv(self) -> None:
         while True:
@@ -158,36 +139,15 @@ class DecodeWorker:
             try:
                 h, k, v = frame.decode_message([p.buffer for p in parts])
                 rid = h.request_id
-                self.add_frame(h, k, v)
-            except (frame.FrameError, kv_assembler.codecs.CodecError, ValueError) as e:
+                self.engine.add_kv_frame(h, k, v)
+            except (frame.FrameError, codecs.CodecError, ValueError) as e:
                 self.num_bad_frames += 1
                 self.kv_failed(rid or getattr(e, "request_id", b""), f"{type(e).__name__}: {e}")
 
-    def add_frame(self, h: frame.FrameHeader, k, v) -> None:
-        seq = self.engine.seqs.get(h.request_id)
-        if seq is None or seq.state != WAIT_KV:
-            return  # cancelled, failed or unknown: drop its frames quietly
-        if h.kind == frame.KIND_ABORT:
-            raise frame.FrameError("the prefill worker aborted this request's KV stream")
-        asm = self.assemblies.get(h.request_id)
-        if asm is None:
-            if h.num_tokens != self.engine.expected_kv_tokens(seq):
-                raise frame.GeometryMismatch(
-                    f"KV stream carries {h.num_tokens} tokens, the admitted prompt needs {self.engine.expected_kv_tokens(seq)}"
-                )
-            asm = self.assemblies[h.request_id] = kv_assembler.start_assembly(self.engine.geometry, h)
-        kv_assembler.add_layer(self.engine.geometry, asm, h, k, v)
-        if asm.complete:
-            del self.assemblies[h.request_id]
-            seq.timings["kv_bytes_wire"] = asm.bytes_wire
-            self.engine.kv_landed(seq, asm.buf, asm.first_frame_s, asm.last_frame_s)
-
     def kv_failed(self, request_id: bytes, why: str) -> None:
-        self.assemblies.pop(request_id, None)
-        seq = self.engine.seqs.get(request_id)
+        seq = self.engine.cancel(request_id)
         log.warning("bad KV frame for %s: %s", request_id.hex() or "?", why)
         if seq is not None:
-            self.engine.release(seq)
             self.fail(seq.owner, request_id, f"KV stream rejected: {why}", "kv_error")
 
     def expire_stalled_kv(self) -> None:
@@ -195,18 +155,8 @@ class DecodeWorker:
         if now < self._next_stall_check_s:
             return  # walking every waiting request each step would cost more than the check is worth
         self._next_stall_check_s = now + STALL_CHECK_INTERVAL_S
-        for seq in [s for s in self.engine.seqs.values() if s.state == WAIT_KV]:
-            asm = self.assemblies.get(seq.request_id)
-            last = asm.last_frame_s or asm.first_frame_s if asm else seq.t_admit_s
-            if now - last > self.cfg.kv_timeout_s:
-                self.assemblies.pop(seq.request_id, None)
-                self.engine.release(seq)
-                got = f"{asm.next_layer} of {asm.layout.num_layers} layers" if asm else "no layer"
-                self.fail(
-                    seq.owner, seq.request_id,
-                    f"KV stream stalled: {got} arrived within {self.cfg.kv_timeout_s:.0f} s; the prefill worker may have died",
-                    "kv_timeout",
-                )
+        for seq, why in self.engine.expire_stalled_kv(now):
+            self.fail(seq.owner, seq.request_id, why, "kv_timeout")
 
     def emit(self, outputs) -> None:
         """One Tokens message per coordinator per step; Finished for sequences that ended, Failed
@@ -227,15 +177,10 @@ class DecodeWorker:
                     self.finish(o.seq, o.finish_reason)
 
     def finish(self, seq, reason: str) -> None:
-        t = seq.timings
-        now = time.perf_counter()
-        first = t.pop("t_first_token_s", now)
-        t.pop("t_inject_done_s", None)
-        n_out = len(seq.output_ids)
-        t["decode_ms"] = (now - first) * 1e3
-        t["tpot_ms"] = t["decode_ms"] / (n_out - 1) if n_out > 1 else 0.0
-        self.engine.release(seq)  # already released by the engine's step; a no-op kept for safety
-        transport.reply(self.control, seq.owner, Finished(seq.request_id, reason, len(seq.prompt_ids), n_out, t))
+        """The engine freed the sequence when it produced its last token; this reports it."""
+        timings = DecodeTimings(**self.engine.timings_of(seq))
+        transport.reply(self.control, seq.owner,
+                        Finished(seq.request_id, reason, len(seq.prompt_ids), len(seq.output_ids), timings))
 
     def fail(self, owner: bytes, request_id: bytes, why: str, code: str = "error") -> None:
         if owner:
@@ -245,13 +190,13 @@ class DecodeWorker:
         mem = self.proc.memory_info().rss
         return Pong(
             "decode", self.name, __version__, self.info.fingerprint, self.info.name,
-            free_slots=self.engine.slots.num_free, num_slots=self.cfg.num_slots,
-            queued=len(self.engine.seqs) - (self.cfg.num_slots - self.engine.slots.num_free),
+            free_slots=self.engine.num_free_slots, num_slots=self.cfg.num_slots, queued=self.engine.num_queued,
             device="cpu", cpu_percent=self.proc.cpu_percent(), rss_bytes=mem,
-            extra={"kv_addr": self.cfg.kv_addr, "kv_cache_type": self.cfg.kv_cache_type,
-                   "num_finished": self.engine.num_finished, "bad_frames": self.num_bad_frames,
-                   "numa_node": -1 if self.cfg.numa_node is None else self.cfg.numa_node,
-                   "threads": self.engine.n_threads, "cpus": numa.format_cpulist(os.sched_getaffinity(0))},
+            capabilities=Capabilities("llama.cpp", tuple(c for c in codecs.names()
+                                                         if self.cfg.kv_cache_type in codecs.get_codec(c).cache_types)),
+            kv_addr=self.cfg.kv_addr, kv_cache_type=self.cfg.kv_cache_type, num_finished=self.engine.num_finished,
+            num_bad_frames=self.num_bad_frames, numa_node=-1 if self.cfg.numa_node is None else self.cfg.numa_node,
+            num_threads=self.engine.n_threads, cpus=numa.format_cpulist(os.sched_getaffinity(0)),
         )
 
     def close(self) -> None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator.records import RequestRecord, percentile, run_metadata, write_csv
+from homelab_disagg.calibration import read_csv  # noqa: F401  (the experiments read their CSVs back with it)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -283,17 +284,3 @@ def save_plot(fig, out_dir: Path, name: str) -> Path:
     return path
 
 
-def read_csv(path: Path) -> list[dict]:
-    """Rows with numbers parsed back (ints, floats); everything else stays a string."""
-    import csv
-
-    def parse(v: str):
-        for cast in (int, float):
-            try:
-                return cast(v)
-            except ValueError:
-                pass
-        return {"True": True, "False": False}.get(v, v)
-
-    with open(path, newline="") as f:
-        return [{k: parse(v) for k, v in r.items()} for r in csv.DictReader(f)]

@@ -2,7 +2,7 @@
 without layer streaming (§4).
 
     per link (unshaped loopback; link lab at 1, 10, 25 Gbit: two network namespaces, tc-shaped veth):
-        plain socket and KV stream goodput on that link (benchmarks.wire.side_by_side)
+        plain socket and KV stream goodput on that link (homelab_disagg.lab.bench.wire.side_by_side)
         prefill worker in the "gpu host" namespace, one decode worker per cache type (f16, q8_0,
         q4_0) in the "cpu host" namespace, the coordinator as a client process in the gpu namespace
         per prompt length x codec x {streaming, whole request}: disaggregated requests
@@ -13,7 +13,7 @@ without layer streaming (§4).
 
 Needs root, `ip` and `tc` for the shaped links (without them only loopback is measured). q8_0 and
 q4_0 land in a decode worker whose cache is that type; kivi4 and f16 land in an f16 cache. The
-workers and the client reuse benchmarks/wire.py's environment and goodput roles.
+workers and the client reuse homelab_disagg/lab/bench/wire.py's environment and goodput roles.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from experiments import common
+from homelab_disagg.lab import linklab
 
 CODECS = ("f16", "q8_0", "q4_0", "kivi4")
 CACHE = {"f16": "f16", "q8_0": "q8_0", "q4_0": "q4_0", "kivi4": "f16"}
@@ -124,8 +125,7 @@ async def _client(cfg: dict) -> list[dict]:
 
 def measure_link(rate: float | None, model_path: Path, prompts: list[int], codecs: list[str], repeats: int,
                  split: common.NodeSplit, device: str, goodput_repeats: int) -> list[dict]:
-    from benchmarks.wire import _env, side_by_side
-    from wire import linklab
+    from homelab_disagg.lab.bench.wire import side_by_side
 
     ctx = linklab.link_lab(linklab.LinkSpec(rate)) if rate is not None else contextlib.nullcontext(_Loopback())
     with ctx as lab:
@@ -156,7 +156,7 @@ def measure_link(rate: float | None, model_path: Path, prompts: list[int], codec
                     split.decode_cpus, log_dir / f"exp2-decode-{cache}.log"))
             cfg = {"prefill": pre_ctl, "decode": decode, "codecs": codecs, "prompts": prompts, "repeats": repeats}
             client = lab.popen(lab.gpu_ns, [sys.executable, "-m", "experiments.exp2_transfer", "--client", json.dumps(cfg)],
-                               env=_env(), stdout=subprocess.PIPE, text=True)
+                               env=linklab.child_env(), stdout=subprocess.PIPE, text=True)
             if split.prefill_cpus:
                 os.sched_setaffinity(client.pid, split.prefill_cpus)
             out, _ = client.communicate(timeout=6 * 3600)
@@ -187,10 +187,8 @@ def _ports(lab):
 
 
 def _start(lab, ns, argv, cpus, log: Path):
-    from benchmarks.wire import _env
-
     with open(log, "wb") as f:
-        p = lab.popen(ns, argv, env=_env(), stdout=f, stderr=subprocess.STDOUT)
+        p = lab.popen(ns, argv, env=linklab.child_env(), stdout=f, stderr=subprocess.STDOUT)
     if cpus:
         os.sched_setaffinity(p.pid, cpus)  # kept across exec, inherited by every thread it starts
     return p, log
@@ -263,7 +261,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.client:
         print(json.dumps(asyncio.run(_client(json.loads(args.client)))), flush=True)
         return
-    from wire import linklab
 
     prompts = common.int_list(args.prompts or (QUICK_PROMPTS if args.quick else FULL_PROMPTS))
     codecs = [c for c in CODECS if c in args.codecs.split(",")]

@@ -3,7 +3,7 @@ fraction of the measured memory bandwidth that is.
 
     per placement (a process under numactl: none, each node, interleave; one node -> "none" only):
         per thread count: memory bandwidth (numpy copy, that many threads, GB/s read+written)
-            per batch size: benchmarks.decode.measure (llama.cpp's loop, engine x1, engine xB)
+            per batch size: homelab_disagg.lab.bench.decode.measure (llama.cpp's loop, engine x1, engine xB)
     -> bytes read per step = weights (GGUF tensors a step reads) + B x context x KV bytes per token
     -> achieved GB/s = bytes per step / step time; fraction = achieved / measured copy bandwidth
     -> CSV + plot + table
@@ -46,7 +46,7 @@ def copy_bandwidth_gbps(threads: int, nbytes: int = BW_BYTES, repeats: int = 5) 
 
 def measure_placement(cfg: dict) -> list[dict]:
     """In the (numactl-bound) child: every thread count and batch size of one placement."""
-    from benchmarks.decode import measure
+    from homelab_disagg.lab.bench.decode import measure
     from homelab_disagg.plan import ModelProfile
 
     path = Path(cfg["model"])

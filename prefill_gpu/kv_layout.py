@@ -18,12 +18,6 @@ def neox_to_norm(k: torch.Tensor) -> torch.Tensor:
     return k.unflatten(-1, (2, d // 2)).transpose(-1, -2).flatten(-2)
 
 
-def norm_to_neox(k: torch.Tensor) -> torch.Tensor:
-    """Inverse of neox_to_norm: [..., D] interleaved pairs -> rotate-half order."""
-    d = k.shape[-1]
-    return k.unflatten(-1, (d // 2, 2)).transpose(-1, -2).flatten(-2)
-
-
 def token_major(x: torch.Tensor, num_tokens: int, rope_layout: str = "neox") -> torch.Tensor:
     """[1, H_kv, T, D] (first `num_tokens` of T) -> a [num_tokens, H_kv, D/2, 2] view whose row-major
     order is llama.cpp's rows, keys re-paired when rope_layout is "norm" (k_llama[2i + j] =

@@ -2,17 +2,16 @@
 possible.
 
 On a GPU the forward pass of a small model is bound by kernel launches from Python, so every op
-the per-layer hook adds lengthens the forward pass, and with it the TTFT (H200 box, 1024 tokens,
-f16, 30 layers: encoding each tensor and copying it to its own pinned buffer added 10 ms; writing
-straight into views of one pinned buffer per request, 6 ms). So:
+the per-layer hook adds lengthens the forward pass, and with it the TTFT: encoding straight into
+views of one pinned buffer per request launches less than a pinned buffer per tensor. So:
 
     begin(request): one pinned buffer [layers, K payload | V payload] for the whole request
                     (f16 on a GPU: and a device buffer of the same layout, one more copy of the
                     request's KV in device memory while it is staged)
     stage(i, k, v): f16 on a GPU: permute + cast into the request's device buffer, one kernel per
-                    tensor, then one device-to-host copy of the layer's K and V together (launch
-                    time alone, H200 box: 40 us per layer, against 67 with a copy per tensor that
-                    casts and permutes on its way to the host); on a CPU: one copy per tensor;
+                    tensor, then one device-to-host copy of the layer's K and V together (fewer
+                    launches than a copy per tensor that casts and permutes on its way to the
+                    host); on a CPU: one copy per tensor;
                     device encoders (q8_0, q4_0, kivi4): encode on the device, one device-to-host
                     copy per tensor; host encoders (f16+bp-zstd): staged as f16, then coded on the
                     two codec threads while the forward pass goes on (wire.two_cores), the layer's

@@ -12,8 +12,8 @@ as in vLLM's own disaggregated prefill (prompt = the ids whose KV the decode sid
                      finish their prompt in it (those ship, with their whole block table)
     worker side      save_kv_layer(i): gather the request's tokens from vLLM's paged layer
                      (vllm_layout) -> llama.cpp order (keys NEOX->NORM for llama) -> codec ->
-                     the same per-layer frames the torch worker sends -> KvSender thread
-                     wait_for_save: flush, then report PrefillDone/Failed to the engine
+                     KvShipment (kv_shipment, as the torch worker) -> KvSender thread
+                     wait_for_save: finish (or abort) the shipment, report PrefillDone/Failed to the engine
 
 The KV is copied out of vLLM's blocks while the layer is saved, so vLLM may free or reuse them as
 soon as the step ends (request_finished never delays the free). A prompt prefilled in chunks ships
@@ -23,9 +23,8 @@ at its last chunk, when every token's KV sits in the paged cache.
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -39,8 +38,9 @@ from vllm.model_executor.models.utils import extract_layer_index
 
 from prefill_gpu.kv_encode import encode_kv, to_host
 from prefill_gpu.kv_layout import neox_to_norm
+from prefill_gpu.kv_shipment import KvSendError, KvShipment
 from prefill_gpu.vllm_layout import LayoutError, PagedLayout, detect_layout
-from wire import codecs, frame, messages, transport
+from wire import messages, transport
 
 log = logging.getLogger("prefill.vllm")
 
@@ -166,26 +166,11 @@ class ShipPlanner:
 
 @dataclass
 class _Shipment:
-    """One request's KV on its way out. The sender thread writes the hand-over times and errors."""
+    """One request's KV on its way out, and the first error on this side of the socket, if any."""
 
     order: ShipOrder
-    num_layers: int = 0  # layers encoded so far
-    encode_s: float = 0.0
-    bytes_wire: int = 0
-    held: list = field(default_factory=list)  # layers kept back when not layer_streaming
-    error: str | None = None
-    send_error: str | None = None
-    first_sent_s: float = 0.0
-    last_sent_s: float = 0.0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def on_sent(self, t: float, err: Exception | None) -> None:
-        with self.lock:
-            if err is not None:
-                self.send_error = self.send_error or f"{type(err).__name__}: {err}"
-                return
-            self.first_sent_s = self.first_sent_s or t
-            self.last_sent_s = max(self.last_sent_s, t)
+    kv: KvShipment
+    error: str | None = None  # once set, the request's later layers are not even gathered
 
 
 class WireKVConnector(KVConnectorBase_V1):
@@ -260,7 +245,11 @@ class WireKVConnector(KVConnectorBase_V1):
         super().bind_connector_metadata(connector_metadata)
         self._t_step = time.perf_counter()  # bound right before the forward pass
         for order in getattr(connector_metadata, "ship", ()):
-            self._shipments[order.req_id] = _Shipment(order)
+            s, target = self.settings, order.target
+            kv = KvShipment(self._sender, request_id=target.request_id, kv_addr=target.kv_addr, codec=target.codec,
+                            num_tokens=order.num_tokens, is_streaming=target.layer_streaming,
+                            fingerprint=s.fingerprint, num_layers=s.num_layers, row_elems=s.row_elems)
+            self._shipments[order.req_id] = _Shipment(order, kv)
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         return  # a producer loads nothing
@@ -283,8 +272,6 @@ class WireKVConnector(KVConnectorBase_V1):
 
     def _ship_layer(self, ship: _Shipment, layer: int, kv_layer: torch.Tensor) -> None:
         s, order = self.settings, ship.order
-        if layer != ship.num_layers:
-            raise RuntimeError(f"vLLM saved layer {layer} after {ship.num_layers} layers: frames must go in order")
         t0 = time.perf_counter()
         k, v = self.layout.gather(kv_layer, order.block_ids, order.num_tokens)  # each [T, H_kv, D]
         if s.rope_layout == "norm":
@@ -292,18 +279,8 @@ class WireKVConnector(KVConnectorBase_V1):
         k_pay, v_pay = encode_kv(order.target.codec, k.reshape(order.num_tokens, s.row_elems),
                                  v.reshape(order.num_tokens, s.row_elems), s.head_dim)
         k_host, _ = to_host(k_pay)
-        v_host, v_ready = to_host(v_pay)
-        header = frame.FrameHeader(order.target.request_id, s.fingerprint, codecs.get_codec(order.target.codec).codec_id,
-                                   layer, s.num_layers, order.num_tokens, s.row_elems, 0, 0)
-        job = transport.LayerJob(order.target.kv_addr, header, k_host.numpy().data, v_host.numpy().data,
-                                 copied=v_ready, on_sent=ship.on_sent)
-        ship.num_layers += 1
-        ship.bytes_wire += k_host.nbytes + v_host.nbytes
-        ship.encode_s += time.perf_counter() - t0
-        if order.target.layer_streaming:
-            self._sender.submit(job)
-        else:
-            ship.held.append(job)
+        v_host, v_ready = to_host(v_pay)  # V's copy is queued after K's on one stream: its event covers both
+        ship.kv.add_layer(layer, k_host.numpy().data, v_host.numpy().data, copied=v_ready, encode_start_s=t0)
 
     def wait_for_save(self) -> None:
         if not self.has_connector_metadata():
@@ -317,31 +294,23 @@ class WireKVConnector(KVConnectorBase_V1):
 
     def _finish(self, ship: _Shipment, compute_s: float) -> None:
         """Hand the last layers to the socket, then tell the engine how it went."""
-        s, target = self.settings, ship.order.target
-        if ship.error is None and ship.num_layers != s.num_layers:
-            ship.error = f"vLLM saved {ship.num_layers} of {s.num_layers} layers"
+        s, target, kv = self.settings, ship.order.target, ship.kv
+        if ship.error is None and not kv.is_complete:
+            ship.error = f"vLLM saved {kv.num_layers_added} of {s.num_layers} layers"
         if ship.error is not None:
-            abort = frame.FrameHeader(target.request_id, s.fingerprint, 0, 0, 0, 0, 0, 0, 0)
-            self._sender.submit(transport.LayerJob(target.kv_addr, abort, abort=True))
-            self._sender.flush()
+            kv.abort(ship.error)
             self._send_report(messages.Failed(target.request_id, f"vLLM KV connector: {ship.error}", "prefill_error"))
             return
-        for job in ship.held:
-            self._sender.submit(job)
-        self._sender.flush()
-        if ship.send_error:
-            self._send_report(messages.Failed(
-                target.request_id, f"could not send KV to {target.kv_addr}: {ship.send_error}", "kv_send"))
+        try:
+            figures = kv.finish()  # total_ms 0: the engine knows when the request arrived, and fills it in
+        except KvSendError as e:
+            self._send_report(messages.Failed(target.request_id, str(e), "kv_send"))
             return
         self._send_report(messages.PrefillDone(
             target.request_id, ship.order.num_tokens,
-            compute_ms=(compute_s - ship.encode_s) * 1e3,
-            encode_ms=ship.encode_s * 1e3,
-            send_ms=(ship.last_sent_s - ship.first_sent_s) * 1e3,
-            total_ms=0.0,  # the engine knows when the request arrived
-            bytes_raw=s.row_elems * 2 * 2 * s.num_layers * ship.order.num_tokens,
-            bytes_wire=ship.bytes_wire,
+            compute_ms=compute_s * 1e3 - figures.encode_ms,
             device=self.layout.describe,
+            **asdict(figures),
         ))
 
     def _send_report(self, msg) -> None:

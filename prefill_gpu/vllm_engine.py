@@ -20,14 +20,16 @@ import itertools
 import logging
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
+import msgspec
 import zmq
 
 from homelab_disagg.config import Env, PrefillWorkerConfig
 from homelab_disagg.errors import ModelError
 from homelab_disagg.model import ModelInfo
-from wire import frame, messages, transport
+from prefill_gpu.kv_shipment import KvShipment
+from wire import messages, transport
 from wire.messages import Failed, Prefill, PrefillDone
 
 log = logging.getLogger("prefill.vllm")
@@ -133,9 +135,7 @@ class VllmPrefillEngine:
             out = self._run(list(req.token_ids), params)[-1]
         except Exception as e:  # vLLM failed: the decode side must not wait for KV that never comes
             log.exception("vLLM prefill failed")
-            abort = frame.FrameHeader(req.request_id, self.info.fingerprint, 0, 0, 0, 0, 0, 0, 0)
-            sender.submit(transport.LayerJob(req.kv_addr, abort, abort=True))
-            sender.flush()
+            KvShipment.for_prefill(sender, req, self.info).abort(f"vLLM prefill failed: {type(e).__name__}")
             return Failed(req.request_id, f"vLLM prefill failed: {type(e).__name__}: {e}", "prefill_error")
         report = self._await_report(req.request_id)
         if report is None:
@@ -146,8 +146,8 @@ class VllmPrefillEngine:
             return Failed(req.request_id, f"vLLM shipped {shipped} tokens, the request has {len(req.token_ids)}",
                           "prefill_error")
         if isinstance(report, PrefillDone):
-            report = replace(report, total_ms=(time.perf_counter() - t0) * 1e3,
-                             device=f"{self.describe}, {report.device}")
+            report = msgspec.structs.replace(report, total_ms=(time.perf_counter() - t0) * 1e3,
+                                             device=f"{self.describe}, {report.device}")
         return report
 
     def generate(self, token_ids: list[int], max_tokens: int) -> tuple[list[int], float, float]:

@@ -45,7 +45,7 @@ def torch_engine(model_info):
 def judge(model_path):
     if not _has("llama_cpp"):
         pytest.skip("llama-cpp-python is not installed (the `decode` extra)")
-    from homelab_disagg.quality import LlamaJudge
+    from homelab_disagg.lab.quality import LlamaJudge
 
     j = LlamaJudge(model_path, n_ctx=1024)
     yield j

@@ -6,8 +6,9 @@
 (b) torch KV -> codec -> decode -> inject into a context of the codec's cache type, teacher-forced
     over 8 prompts of 128..512 tokens against the f16 injection of the same KV (what the codec alone
     costs, judged on the weights dequantized to float) and against llama.cpp's own f16 prefill (the
-    whole path, deployed weights): q8_0 keeps >= 97% top-1 of the f16 injection, KIVI int4 is >= 3.2x
-    smaller at <= 1% perplexity change.
+    whole path, deployed weights, judged against the noise floor measured in the same run: see
+    homelab_disagg.lab.quality.judge): q8_0 keeps >= 97% top-1 of the f16 injection, KIVI int4 is >= 3.2x
+    smaller at <= 1% perplexity change; f16 and q8_0 end to end pass the floor's checks.
 (b') why the float judge: on the deployed Q4_1 weights llama.cpp rounds activations to 8 bits, so a
     single last-bit change in one K element of 10,000 already costs as much as q8_0 there.
 (c) the real path: PrefillWorker.prefill with codec q8_0 streams over ZeroMQ TCP, the decode side
@@ -25,12 +26,12 @@ from tests.conftest import needs_llama, needs_torch
 
 pytestmark = [pytest.mark.slow, needs_llama]
 
-Q8_0_TOP1 = 0.97  # teacher-forced against the f16 injection, float judge: measured 0.986 (README)
+Q8_0_TOP1 = 0.97  # teacher-forced against the f16 injection, float judge: measured 0.986 (docs/performance.md)
 
 
 @pytest.fixture(scope="module")
 def quant_judges(model_path):
-    from homelab_disagg.quality import LlamaJudge
+    from homelab_disagg.lab.quality import LlamaJudge
 
     judges = {t: LlamaJudge(model_path, n_ctx=1024, cache_type=t) for t in ("q8_0", "q4_0")}
     yield judges
@@ -41,7 +42,7 @@ def quant_judges(model_path):
 @pytest.fixture(scope="module")
 def float_judges(model_path):
     """f16 and q8_0 contexts on the model's weights dequantized to float (matmuls that round nothing)."""
-    from homelab_disagg.quality import LlamaJudge, float_weights_model
+    from homelab_disagg.lab.quality import LlamaJudge, float_weights_model
 
     path = float_weights_model(model_path)
     judges = {t: LlamaJudge(path, n_ctx=1024, cache_type=t) for t in ("f16", "q8_0")}
@@ -53,7 +54,7 @@ def float_judges(model_path):
 def test_float_judge_model_is_the_same_model_with_float_weights(model_path):
     import gguf
 
-    from homelab_disagg.quality import float_weights_model
+    from homelab_disagg.lab.quality import float_weights_model
 
     judge_path = float_weights_model(model_path)
     assert float_weights_model(model_path) == judge_path  # written once
@@ -77,11 +78,11 @@ def test_numpy_quantization_of_llama_f16_kv_is_llama_own_quantized_kv(judge, qua
 
 
 def _check_against_llama(own_f16_state, own_q_state, t, model_info, cache_type):
-    from decode_cpu.kv_state import BLOCK_BYTES, parse_state
-    from wire import codecs
+    from decode_cpu.kv_state import parse_state
+    from wire import codecs, ggml
 
     own_f16, own_q = parse_state(own_f16_state), parse_state(own_q_state)
-    c, bb = model_info.kv_row_elems, BLOCK_BYTES[cache_type]
+    c, bb = model_info.kv_row_elems, ggml.GGML_TYPES[cache_type].block_bytes
     same = {}
     for role, f16_rows, q_rows in (("k", own_f16.k_rows, own_q.k_rows), ("v", own_f16.v_rows, own_q.v_rows)):
         for layer in range(model_info.num_layers):
@@ -112,7 +113,8 @@ def _check_against_llama(own_f16_state, own_q_state, t, model_info, cache_type):
 @needs_torch
 def test_codecs_injected_quality_on_the_real_model(judge, quant_judges, float_judges, torch_engine, model_info,
                                                    quality_texts):
-    from homelab_disagg.quality import codec_state, compare, nudge_keys, pool, torch_layer_rows
+    from homelab_disagg.lab.quality import codec_state, compare, judge as judge_against_floor, nudge_keys, pool, \
+        torch_layer_rows
 
     deployed = {"f16": judge, "q8_0": quant_judges["q8_0"]}
     configs = (("f16", "f16"), ("q8_0", "q8_0"), ("kivi4", "f16"))  # q4_0: `homelab-disagg bench codecs`
@@ -120,8 +122,11 @@ def test_codecs_injected_quality_on_the_real_model(judge, quant_judges, float_ju
     vs_llama = {cfg: [] for cfg in configs}
     vs_f16 = {(w, cfg): [] for w in ("float", "deployed") for cfg in configs + (probe,)}
     wire_bytes, cells = dict.fromkeys(configs, 0), 0
+    refs, floor, deployed_logits = [], [], {cfg: [] for cfg in configs}  # for the verdicts against the floor
     for ids, split in quality_texts:
         ref, targets = judge.reference(ids, split), np.array(ids[split:])
+        refs.append(ref)
+        floor.append(judge.probe(ids, split))
         rows = torch_layer_rows(torch_engine, model_info, ids[: split - 1])
         cells += split - 1
         states = {}  # each config's state buffer, made once and injected into both judges
@@ -136,6 +141,7 @@ def test_codecs_injected_quality_on_the_real_model(judge, quant_judges, float_ju
                 vs_f16[weights, cfg].append(compare(injected["f16", "f16"], logits, targets))
                 if weights == "deployed" and cfg in vs_llama:
                     vs_llama[cfg].append(compare(ref, logits, targets))
+                    deployed_logits[cfg].append(logits)
     ratio = {cfg: model_info.kv_bytes_per_token_f16 * cells / wire_bytes[cfg] for cfg in configs}
     e2e = {cfg: pool(r) for cfg, r in vs_llama.items()}
     alone = {key: pool(r) for key, r in vs_f16.items()}
@@ -146,17 +152,24 @@ def test_codecs_injected_quality_on_the_real_model(judge, quant_judges, float_ju
               f"top1={a.top1:.4f} kl={a.kl:.5f} ppl {a.ppl_change_pct:+.2f}%; deployed top1={d.top1:.4f} "
               f"kl={d.kl:.5f} ppl {d.ppl_change_pct:+.2f}%"
               + (f"; vs llama.cpp top1={b.top1:.4f} kl={b.kl:.5f}" if b else "") + f" over {a.positions} positions")
+    verdicts = {cfg: judge_against_floor(refs, deployed_logits[cfg], floor) for cfg in (("f16", "f16"), ("q8_0", "q8_0"))}
+    for cfg, verdict in verdicts.items():
+        print(f"{cfg[0]:>11} into {cfg[1]:>4} against llama.cpp's own prefill and the floor beside it: {verdict}")
     q8, kivi = alone["float", ("q8_0", "q8_0")], alone["float", ("kivi4", "f16")]
-    assert e2e["f16", "f16"].top1 >= 0.95  # the path every codec starts from
+    # the path every codec starts from, and q8_0 end to end, judged against the noise floor measured in this run
+    assert not verdicts["f16", "f16"].failures(), verdicts["f16", "f16"].failures()
+    assert not verdicts["q8_0", "q8_0"].failures(), verdicts["q8_0", "q8_0"].failures()
     assert q8.top1 >= Q8_0_TOP1 and q8.kl <= 1e-3 and abs(q8.ppl_change_pct) <= 1.0
-    assert e2e["q8_0", "q8_0"].top1 >= e2e["f16", "f16"].top1 - 0.015  # and end to end within f16's noise
     assert ratio["q8_0", "q8_0"] == pytest.approx(64 / 34)
     assert ratio["kivi4", "f16"] >= 3.2 and kivi.ppl_change_pct <= 1.0 and kivi.kl <= 0.02
-    # deployed weights: kivi4 measured +0.94%; the judge's own floor (the probe) moves perplexity by ~0.1-0.3%
-    assert alone["deployed", ("kivi4", "f16")].ppl_change_pct <= 1.5
+    # deployed weights: the judge's own floor (the probe) moves perplexity by 0.1-0.3% on Intel Xeon and 0.9% on
+    # AMD Zen 5, so kivi4's perplexity there (+0.9% and +1.9%) says more about the CPU than the codec: judged by KL,
+    # beside the floor of this run (measured 2.8x the probe's on AMD)
+    kivi_deployed, floor_deployed = alone["deployed", ("kivi4", "f16")], alone["deployed", probe]
+    assert kivi_deployed.kl <= 0.02 and kivi_deployed.kl <= 5 * floor_deployed.kl
     # (b') one flipped last bit in 10,000 K elements: invisible to the float judge, as costly as q8_0 to the
     # deployed one. Were the float judge quantized, or the probe a no-op, this would fail.
-    floor_float, floor_deployed = alone["float", probe], alone["deployed", probe]
+    floor_float = alone["float", probe]
     assert floor_float.kl < 1e-5 and floor_float.top1 >= 0.99
     assert floor_deployed.kl > 1e-3 and floor_deployed.kl >= 0.5 * alone["deployed", ("q8_0", "q8_0")].kl
 
@@ -170,7 +183,7 @@ def test_prefill_worker_streams_over_zmq_into_a_context_of_the_codecs_cache(judg
     prefill worker's codec threads while its forward pass goes on, decoded into an f16 cache."""
     from decode_cpu import kv_assembler
     from homelab_disagg.config import PrefillWorkerConfig
-    from homelab_disagg.quality import codec_state, compare, torch_layer_rows
+    from homelab_disagg.lab.quality import codec_state, judge as judge_against_floor, torch_layer_rows
     from prefill_gpu.worker import PrefillWorker
     from wire import codecs, frame, transport
     from wire.messages import Prefill, PrefillDone
@@ -207,11 +220,11 @@ def test_prefill_worker_streams_over_zmq_into_a_context_of_the_codecs_cache(judg
             want, _ = codec_state(torch_layer_rows(torch_engine, model_info, prefix), model_info,
                                   target.ctx.n_stream, cache_type, codec)
             assert bytes(asm.buf) == bytes(want)
-            got = compare(judge.reference(ids, split), target.after_injection(ids, split, asm.buf),
-                          np.array(ids[split:]))
-            print(f"{codec} over ZeroMQ into a {cache_type} context: top1={got.top1:.4f} kl={got.kl:.5f} "
-                  f"first token equal={got.first_token_equal}")
-            assert got.top1 >= 0.9 and got.kl < 0.02
+            got = judge_against_floor([judge.reference(ids, split)], [target.after_injection(ids, split, asm.buf)],
+                                      [judge.probe(ids, split)])
+            print(f"{codec} over ZeroMQ into a {cache_type} context: {got}")
+            # one prompt: too few positions for the share of confident ones; the other checks hold
+            assert got.kl < 0.02 and got.confident_top1 >= 0.99, got
     finally:
         worker.close()
         zctx.destroy(linger=0)

@@ -2,14 +2,16 @@
 
 (a) llama.cpp's KV state -> KV frames over real ZeroMQ TCP -> assembled -> injected into a fresh
     sequence reproduces llama.cpp's own greedy continuation token for token.
-(b) torch-computed KV injected into llama.cpp: teacher-forced top-1 agreement >= 95% over 8
-    prompts of 128..512 tokens, first generated token equal in >= 7 of 8.
-(c) without the NEOX -> NORM key mapping the same check collapses: the mapping is load-bearing.
+(b) torch-computed KV injected into llama.cpp, teacher-forced over 8 prompts of 128..512 tokens, judged
+    against the noise floor measured beside it on the same box (homelab_disagg.lab.quality.judge):
+    KL <= 0.01 and <= 3x the 1-ulp probe's, top-1 equal wherever no rounding noise can flip it. A fixed
+    top-1 bar does not hold across CPUs: on an AMD Zen box torch's fp32 kernels flip other near-ties
+    (0.94 top-1 there, 0.96 on Intel Xeon, at the same KL).
+(c) a broken handoff fails every one of those checks: keys not re-interleaved (NEOX -> NORM mapping
+    skipped), one layer's KV shifted to the next, K and V swapped.
 """
 
 from __future__ import annotations
-
-import numpy as np
 
 import pytest
 import zmq
@@ -77,37 +79,44 @@ def test_llama_own_kv_through_wire_reproduces_continuation(judge, model_info, qu
     assert got == want
 
 
-def _agreements(judge, torch_engine, model_info, texts, rope_layout=None):
-    from homelab_disagg.quality import compare, torch_state
+def _broken(kind: str, rows: list) -> list:
+    """Layer rows (K, V) as a broken handoff would lay them."""
+    if kind == "layer shifted":
+        return rows[1:] + rows[:1]
+    if kind == "K and V swapped":
+        return [(v, k) for k, v in rows]
+    return rows
 
-    results = []
+
+def _verdict(judge, torch_engine, model_info, texts, broken: str | None = None):
+    from homelab_disagg.lab.quality import codec_state, judge as judge_against_floor, torch_layer_rows
+
+    refs, cands, probes = [], [], []
     for ids, split in texts:
-        ref = judge.reference(ids, split)
-        state = torch_state(torch_engine, model_info, ids[: split - 1], judge.ctx.n_stream, rope_layout=rope_layout)
-        cand = judge.after_injection(ids, split, state)
-        results.append(compare(ref, cand, np.array(ids[split:])))
-    return results
+        rope = "neox" if broken == "keys not re-interleaved" else None
+        rows = _broken(broken, torch_layer_rows(torch_engine, model_info, ids[: split - 1], rope_layout=rope))
+        state, _ = codec_state(rows, model_info, judge.ctx.n_stream)
+        refs.append(judge.reference(ids, split))
+        cands.append(judge.after_injection(ids, split, state))
+        probes.append(judge.probe(ids, split))
+    return judge_against_floor(refs, cands, probes)
 
 
 @needs_torch
 def test_torch_kv_injected_agrees_with_llama_prefill(judge, torch_engine, model_info, quality_texts):
-    from homelab_disagg.quality import pool
-
-    results = _agreements(judge, torch_engine, model_info, quality_texts)
-    pooled = pool(results)
-    first_equal = sum(r.first_token_equal for r in results)
-    print(f"top1={pooled.top1:.4f} kl={pooled.kl:.5f} ppl {pooled.ppl_ref:.3f}->{pooled.ppl_candidate:.3f} "
-          f"first-token {first_equal}/8 over {pooled.positions} positions")
-    assert len(results) == 8 and all(128 <= split <= 512 for _, split in quality_texts)
-    assert pooled.top1 >= 0.95
-    assert first_equal >= 7
+    assert len(quality_texts) == 8 and all(128 <= split <= 512 for _, split in quality_texts)
+    verdict = _verdict(judge, torch_engine, model_info, quality_texts)
+    print(f"torch KV injected: {verdict}")
+    assert not verdict.failures(), verdict.failures()
 
 
 @needs_torch
-def test_without_key_mapping_injection_breaks(judge, torch_engine, model_info, quality_texts):
-    """The NEOX->NORM permutation of keys is what makes torch KV usable by llama.cpp."""
-    from homelab_disagg.quality import pool
-
-    assert model_info.rope_layout == "norm"
-    broken = pool(_agreements(judge, torch_engine, model_info, quality_texts[:2], rope_layout="neox"))
-    assert broken.top1 < 0.5
+@pytest.mark.parametrize("broken", ["keys not re-interleaved", "layer shifted", "K and V swapped"])
+def test_a_broken_handoff_fails_every_check(judge, torch_engine, model_info, quality_texts, broken):
+    """The checks above have teeth: each broken handoff fails the KL bar, the floor and the top-1."""
+    assert model_info.rope_layout == "norm"  # the default model is one whose keys need re-interleaving
+    verdict = _verdict(judge, torch_engine, model_info, quality_texts[:3], broken)
+    print(f"{broken}: {verdict}")
+    failed = verdict.failures()
+    assert len(failed) >= 3, failed
+    assert verdict.kl > 10 * 0.01 and verdict.confident_top1 < 0.5

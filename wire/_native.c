@@ -2,8 +2,8 @@
    codec (wire/native.py loads this).
 
    The numpy path (wire/codecs.py: kivi4_dequantize, then quantize_rows or a float16 cast) makes up to
-   five passes over float32 copies of the matrix: about 0.3 GB/s of f16 on one core into a q8_0 cache.
-   These kernels do the same arithmetic, in the same order, on pieces held in L1.
+   five passes over float32 copies of the matrix. These kernels do the same arithmetic, in the same
+   order, on pieces held in L1.
 
    kivi4_to_f16: dequantize, round to f16 (to nearest even).
    kivi4_to_q8_0, one run of n elements (one head's rotation block) at a time:

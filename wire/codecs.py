@@ -5,14 +5,17 @@ n_kv_heads * head_dim), already in llama.cpp's element order (keys re-interleave
 by the prefill side). A codec turns each matrix into a payload; the decode side turns payloads
 into rows of the llama.cpp cache type, ready to be laid into a sequence state buffer.
 
-    f16          raw f16 rows                                                       2 bytes/elem
-    q8_0         llama.cpp's q8_0 blocks, Hadamard-rotated as llama.cpp does    34/32 bytes/elem
-    q4_0         llama.cpp's q4_0 blocks, Hadamard-rotated                      18/32 bytes/elem
-    kivi4        KIVI int4, asymmetric, f16 scale and zero per group: K per
-                 channel over groups of 32 tokens (the T % 32 extra tokens join
-                 the last group), V per token over groups of 32 channels, as
-                 llama.cpp's q4_1 blocks                                       <= 20/32 bytes/elem
-    f16+bp-zstd  lossless: the f16 high-byte plane through zstd, low bytes raw  ~1.7 bytes/elem
+    f16          raw f16 rows
+    q8_0         llama.cpp's q8_0 blocks, Hadamard-rotated as llama.cpp does
+    q4_0         llama.cpp's q4_0 blocks, Hadamard-rotated
+    kivi4        KIVI int4, asymmetric, f16 scale and zero per group: K per channel over groups of
+                 32 tokens (the T % 32 extra tokens join the last group), V per token over groups
+                 of 32 channels, as llama.cpp's q4_1 blocks
+    f16+bp-zstd  lossless: the f16 high-byte plane through zstd, low bytes raw
+
+The registry at the end of this file is the one source of codec facts: names, wire ids, sizes
+(`Codec.payload_bytes`, `Codec.bytes_per_elem`) and the cache types each decodes into; config, plan
+and the CLI read it. Cache types and their block sizes are wire.ggml's.
 
 q8_0/q4_0 payloads are exactly the rows llama.cpp keeps in a cache of that type, so a decode worker
 with that `kv_cache_type` lays them in with no re-layout. Any payload can fill any cache type: the
@@ -36,16 +39,15 @@ both give numpy's bits).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 import numpy as np
 
 from wire import ggml, lossless, native
 
-GROUP = 32  # elements per quantization block (q8_0, q4_0) and per KIVI group
-BLOCK_BYTES = {"q8_0": 34, "q4_0": 18}  # f16 scale + 32 int8 / 16 bytes of nibbles
-KIVI4_GROUP_BYTES = 20  # 16 bytes of nibbles + f16 scale + f16 zero
-CACHE_TYPES = ("f16", "q8_0", "q4_0")
+GROUP = ggml.QK  # elements per quantization block (q8_0, q4_0) and per KIVI group (V's are q4_1 blocks)
+CACHE_TYPES = ggml.CACHE_TYPES  # what a decode worker's cache may be: every codec decodes into each
 ROLES = ("k", "v")
 
 _F32 = np.float32
@@ -71,6 +73,25 @@ class Codec:
     native_cache_type: str | None
     is_lossless: bool
     cache_types: tuple[str, ...] = CACHE_TYPES
+    # payload bytes per element to expect where payload_bytes is only an upper bound (a compressor's
+    # output); None: payload_bytes is exact
+    typical_bytes_per_elem: float | None = None
+
+    @cached_property
+    def bytes_per_elem(self) -> float:
+        """Payload bytes per KV element, K and V together: exact for a fixed-size codec on a matrix of
+        whole groups, else the typical figure (for sizing, as `homelab-disagg plan` does)."""
+        if self.typical_bytes_per_elem is not None:
+            return self.typical_bytes_per_elem
+        num_tokens, row_elems = 32 * GROUP, 32 * GROUP  # whole groups: no partial-group overhead
+        total = sum(self.payload_bytes(num_tokens, row_elems, role) for role in ROLES)
+        return total / (len(ROLES) * num_tokens * row_elems)
+
+    @property
+    def default_cache_type(self) -> str:
+        """The cache a decode worker for this codec holds unless told otherwise: the payload's own rows'
+        type, else f16 (no precision lost past the codec's own)."""
+        return self.native_cache_type or "f16"
 
 
 # --- llama.cpp's block formats, Hadamard rotation included --------------------------------------
@@ -179,7 +200,7 @@ def _q4_0_rows(runs: np.ndarray, num_tokens: int) -> np.ndarray:
 
 def _block_runs(rows, num_tokens: int, row_elems: int, cache_type: str, n: int) -> np.ndarray:
     """q8_0/q4_0 rows -> [n, R] float32 runs of dequantized values (still in the stored basis)."""
-    bb = BLOCK_BYTES[cache_type]
+    bb = ggml.GGML_TYPES[cache_type].block_bytes
     blocks = np.frombuffer(rows, dtype=np.uint8).reshape(-1, n // GROUP, bb)  # [R, blocks in a run, bb]
     d = blocks[:, :, :2].copy().view("<f2")[..., 0].T.astype(_F32)  # [blocks in a run, R]
     out = np.empty((n // GROUP, GROUP, blocks.shape[0]), dtype=_F32)
@@ -256,7 +277,7 @@ def kivi4_encode(x: np.ndarray, role: str, head_dim: int = 0) -> bytes:
     x = np.asarray(x, dtype=_F32)
     if role == "v":
         q, scale, zero = _kivi_groups(x.reshape(-1, GROUP), axis=1)
-        blocks = np.empty((len(q), ggml.Q4_1_BLOCK_BYTES), dtype=np.uint8)
+        blocks = np.empty((len(q), ggml.GGML_TYPES["q4_1"].block_bytes), dtype=np.uint8)
         blocks[:, 0:2] = scale.view(np.uint8)
         blocks[:, 2:4] = zero.view(np.uint8)
         blocks[:, 4:] = q[:, :16] | (q[:, 16:] << 4)
@@ -305,13 +326,17 @@ def _check_args(name, payload, expected, num_tokens, row_elems, cache_type, role
         raise CodecError(f"{name} payload is {n} bytes, expected {expected} for {num_tokens} x {row_elems}")
 
 
+def _f16_payload_bytes(num_tokens: int, row_elems: int, role: str = "k") -> int:
+    return num_tokens * ggml.GGML_TYPES["f16"].row_bytes(row_elems)
+
+
 def _f16_encode(x: np.ndarray, role: str, head_dim: int):
     # a contiguous float16 array is sent as is (its buffer, no copy)
     return np.ascontiguousarray(x, dtype="<f2").data
 
 
 def _f16_decode(payload, num_tokens, row_elems, cache_type, role, head_dim, out=None):
-    _check_args("f16", payload, num_tokens * row_elems * 2, num_tokens, row_elems, cache_type, role)
+    _check_args("f16", payload, _f16_payload_bytes(num_tokens, row_elems), num_tokens, row_elems, cache_type, role)
     if cache_type == "f16":
         return payload
     x = np.frombuffer(payload, dtype="<f2").reshape(num_tokens, row_elems).astype(_F32)
@@ -321,8 +346,10 @@ def _f16_decode(payload, num_tokens, row_elems, cache_type, role, head_dim, out=
 def _block_codec(name: str):
     """q8_0 / q4_0: the payload is that cache type's rows, rotated as llama.cpp rotates."""
 
+    block_bytes = ggml.GGML_TYPES[name].block_bytes
+
     def payload_bytes(num_tokens, row_elems, role="k"):
-        return num_tokens * row_elems // GROUP * BLOCK_BYTES[name]
+        return num_tokens * row_elems // GROUP * block_bytes
 
     def encode(x: np.ndarray, role: str, head_dim: int):
         return quantize_rows(x, name, role, head_dim).data
@@ -383,13 +410,21 @@ def register(codec: Codec) -> Codec:
     return codec
 
 
-F16 = register(Codec("f16", 1, _f16_encode, _f16_decode, lambda t, c, role="k": t * c * 2, "f16", True))
+F16 = register(Codec("f16", 1, _f16_encode, _f16_decode, _f16_payload_bytes, "f16", True))
 Q8_0 = register(Codec("q8_0", 2, *_block_codec("q8_0"), "q8_0", False))
 Q4_0 = register(Codec("q4_0", 3, *_block_codec("q4_0"), "q4_0", False))
 # kivi4's id 4 was the layout with V's scales and zeros after its nibbles; 6 is V as q4_1 blocks
 KIVI4 = register(Codec("kivi4", 6, kivi4_encode, _kivi4_decode, kivi4_payload_bytes, None, False))
+# typical size: 1.17x smaller than f16 on SmolLM2-135M's KV (experiment 3, README's codec table); the
+# high plane of another model's KV may compress otherwise
 F16_BP_ZSTD = register(Codec("f16+bp-zstd", 5, _bp_zstd_encode, _bp_zstd_decode,
-                             lambda t, c, role="k": lossless.max_payload_bytes(t * c), None, True))
+                             lambda t, c, role="k": lossless.max_payload_bytes(t * c), None, True,
+                             typical_bytes_per_elem=F16.bytes_per_elem / 1.17))
+
+
+def names() -> tuple[str, ...]:
+    """Every registered codec's name, in registration order."""
+    return tuple(CODECS)
 
 
 def get_codec(name: str) -> Codec:

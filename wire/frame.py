@@ -5,9 +5,9 @@ never copied into a header buffer. The header pins everything the receiver needs
 frame it cannot use: protocol version, model fingerprint, codec, geometry, payload sizes, a hash
 over the payloads and a CRC32 over the header itself.
 
-The payload hash is XXH3-64, not CRC32: zlib's CRC32 runs at ~2 GB/s on one core of the dev box,
-slower than twice a 10GbE link's payload rate (it is computed on both ends), while XXH3 runs at
-~12 GB/s (measured side by side on 64 MiB). Like CRC32 it detects corruption, not tampering.
+The payload hash is XXH3-64, not CRC32: it is computed on both ends, on one core each, and must
+keep well ahead of a fast link's payload rate, which zlib's CRC32 does not; XXH3 runs several times
+faster. Like CRC32 it detects corruption, not tampering.
 
 Header layout (little-endian, 68 bytes):
 
@@ -155,8 +155,19 @@ def encode_layer(h: FrameHeader, k_payload, v_payload) -> list:
     return [pack_header(h), k_payload, v_payload]
 
 
-def encode_abort(request_id: bytes, fingerprint: bytes, reason_code: int = 0) -> list:
-    h = FrameHeader(request_id, fingerprint, 0, 0, 0, 0, 0, 0, 0, 0, KIND_ABORT, reason_code)
+def abort_header(request_id: bytes, fingerprint: bytes, reason_code: int = 0) -> FrameHeader:
+    """The header of an abort frame: the sender gave up on this request, so the receiver frees what it
+    holds for it instead of waiting for layers that never come. No geometry and no payload."""
+    return FrameHeader(
+        request_id=request_id, fingerprint=fingerprint, codec=0, layer=0, num_layers=0, num_tokens=0,
+        row_elems=0, k_nbytes=0, v_nbytes=0, kind=KIND_ABORT, flags=reason_code,
+    )
+
+
+def encode_abort(h: FrameHeader) -> list:
+    """The multipart message for an abort header (abort_header): empty K and V parts."""
+    if h.kind != KIND_ABORT:
+        raise ValueError(f"encode_abort was given a kind {h.kind} header; build it with abort_header")
     return [pack_header(h), b"", b""]
 
 

@@ -1,10 +1,9 @@
 """Lossless f16 KV: byte planes, the high plane through zstd.
 
 An f16 KV value's high byte (sign, exponent, top mantissa bits) takes few distinct values in a layer;
-its low byte is close to uniformly random. Measured on SmolLM2-135M KV: lz4 on raw or split f16
-saves under 1% (KV has no repeated strings, and lz4 has no entropy coder); zstd on raw f16 saves 8%
-(its Huffman literals see both bytes mixed); zstd on the high plane alone, low plane sent raw,
-saves about 15%. So the payload is:
+its low byte is close to uniformly random. lz4 gains next to nothing on KV (there are no repeated
+strings, and lz4 has no entropy coder); zstd on raw f16 gains little (its Huffman literals see both
+bytes mixed); zstd on the high plane alone, the low plane sent raw, gains the most. So the payload is:
 
     u32 hi_nbytes | zstd frame of the high bytes (hi_nbytes) | low bytes, raw (N)
 

@@ -1,68 +1,34 @@
-"""Control messages between coordinator and workers: typed dataclasses, msgpack on the wire.
+"""Control messages between coordinator and workers: typed msgspec Structs, msgpack on the wire.
 
-Every message is a msgpack map `{"t": type, "v": PROTOCOL_VERSION, ...fields}`. `decode` rejects
-an unknown type, another protocol version, or missing fields, naming what was wrong. KV bytes
+Every message is a msgpack map `{"t": type, "v": PROTOCOL_VERSION, ...fields}`. `decode` reads the
+version and the type tag first, then the fields with their types checked (msgspec): anything else
+(another version, an unknown type, a missing, unknown or wrongly typed field, bytes that are not
+msgpack) is a MessageError naming what was wrong, never another exception in a worker. KV bytes
 never travel here: they go as KV frames (wire/frame.py) straight to the decode worker.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from typing import Literal
 
-import msgpack
+import msgspec
 
-PROTOCOL_VERSION = 2  # 2: the first output token may come from the prefill worker (FirstToken)
+PROTOCOL_VERSION = 3  # 3: typed worker capabilities and decode timings (both were free-form maps)
+MAX_QUOTE_CHARS = 200  # of a peer's value quoted in an error (a peer's string may be megabytes)
 
 
 class MessageError(ValueError):
     pass
 
 
-_TYPES: dict[str, type] = {}
+class Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="t", tag=True, forbid_unknown_fields=True):
+    """Base of every control message: tagged "t" with its class name, versioned "v". `v` is
+    keyword-only, so each message's own fields keep their positions."""
+
+    v: int = PROTOCOL_VERSION
 
 
-def message(cls):
-    """Register a frozen dataclass as a wire message under its class name."""
-    cls = dataclass(frozen=True)(cls)
-    _TYPES[cls.__name__] = cls
-    return cls
-
-
-def encode(msg) -> bytes:
-    d = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}
-    d = {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v) for k, v in d.items()}
-    d["t"] = type(msg).__name__
-    d["v"] = PROTOCOL_VERSION
-    return msgpack.packb(d, use_bin_type=True)
-
-
-def decode(buf):
-    try:
-        d = msgpack.unpackb(buf, raw=False)
-    except Exception as e:
-        raise MessageError(f"control message is not valid msgpack ({e})") from None
-    if not isinstance(d, dict) or "t" not in d:
-        raise MessageError("control message has no type tag")
-    if d.get("v") != PROTOCOL_VERSION:
-        raise MessageError(
-            f"control message protocol v{d.get('v')}, this side speaks v{PROTOCOL_VERSION}: "
-            "run the same homelab-disagg version on every box"
-        )
-    cls = _TYPES.get(d.pop("t"))
-    if cls is None:
-        raise MessageError("control message type is unknown to this side")
-    d.pop("v")
-    if cls is Admit and isinstance(d.get("sampling"), dict):
-        d["sampling"] = Sampling(**d["sampling"])
-    try:
-        return cls(**d)
-    except TypeError as e:
-        raise MessageError(f"{cls.__name__} message is malformed: {e}") from None
-
-
-@dataclass(frozen=True)
-class Sampling:
+class Sampling(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Per-request sampling, as in llama.cpp / vLLM. temperature 0 means greedy."""
 
     max_tokens: int = 64
@@ -70,15 +36,14 @@ class Sampling:
     top_k: int = 0  # 0: off
     top_p: float = 1.0
     seed: int = 0
-    stop: tuple[str, ...] | list[str] = ()
+    stop: tuple[str, ...] = ()
     ignore_eos: bool = False
 
 
 # --- coordinator -> decode worker -------------------------------------------------------------
 
 
-@message
-class Admit:
+class Admit(Message):
     """Reserve a slot for a request. The decode worker tokenizes (llama.cpp is the authority on
     tokens), checks the prompt fits a slot, and answers Admitted with the token ids or Refused.
     `kv_source`: "remote" waits for KV frames; "local" prefills with llama.cpp itself.
@@ -88,16 +53,15 @@ class Admit:
 
     request_id: bytes
     prompt: str | None = None
-    messages: list | None = None  # chat messages, rendered with the GGUF's chat template
-    token_ids: list | None = None
-    sampling: Sampling = field(default_factory=Sampling)
-    kv_source: str = "remote"
+    messages: list[dict[str, str]] | None = None  # chat {role, content}, rendered with the GGUF's chat template
+    token_ids: list[int] | None = None
+    sampling: Sampling = msgspec.field(default_factory=Sampling)
+    kv_source: Literal["remote", "local"] = "remote"
     codec: str = "f16"
     first_token_from_prefill: bool = False
 
 
-@message
-class FirstToken:
+class FirstToken(Message):
     """The first output token, sampled by the prefill worker. Prefill worker -> coordinator right
     after the forward pass (before its KV is all sent), then coordinator -> decode worker: emit it
     now, decode on from it once the KV has landed."""
@@ -106,66 +70,69 @@ class FirstToken:
     token_id: int
 
 
-@message
-class Cancel:
+class Cancel(Message):
     request_id: bytes
 
 
-@message
-class Tokenize:
+class Tokenize(Message):
     """Prompt (or chat messages) -> token ids with the decode worker's llama.cpp tokenizer."""
 
     request_id: bytes
     prompt: str | None = None
-    messages: list | None = None
+    messages: list[dict[str, str]] | None = None
 
 
-@message
-class Detokenize:
+class Detokenize(Message):
     """Token ids -> text pieces with the decode worker's tokenizer (for tokens made elsewhere,
-    e.g. by the prefill engine's colocated Generate). Answered by Detokenized."""
+    e.g. by the prefill engine's colocated Generate), by the rules of its own output: the text ends
+    at an end-of-generation token or just before a stop string. Answered by Detokenized."""
 
     request_id: bytes
-    token_ids: list
+    token_ids: list[int]
+    stop: tuple[str, ...] = ()  # as Sampling.stop
 
 
 # --- coordinator -> prefill worker ------------------------------------------------------------
 
 
-@message
-class Prefill:
+class Prefill(Message):
     """Compute the KV of `token_ids` and push it to `kv_addr` (a decode worker), layer by layer
     when `layer_streaming`, else all layers after the forward pass. With `sample_first`, also
     send the greedy next token as a FirstToken right after the forward pass (and record it in
     PrefillDone.first_token)."""
 
     request_id: bytes
-    token_ids: list
+    token_ids: list[int]
     kv_addr: str
     codec: str = "f16"
     layer_streaming: bool = True
     sample_first: bool = False
 
 
-@message
-class Generate:
+class Generate(Message):
     """Colocated baseline on the prefill engine: prefill and decode on its own device."""
 
     request_id: bytes
-    token_ids: list
+    token_ids: list[int]
     max_tokens: int = 64
 
 
 # --- either direction -------------------------------------------------------------------------
 
 
-@message
-class Ping:
+class Ping(Message):
     pass
 
 
-@message
-class Pong:
+class Capabilities(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What a worker can do, from its Pong: the coordinator plans requests by it."""
+
+    engine: str = ""  # "torch" | "vllm" (prefill), "llama.cpp" (decode)
+    codecs: tuple[str, ...] = ()  # KV codecs it sends (prefill) or takes in (decode)
+    samples_first_token: bool = False  # answers Prefill.sample_first with a FirstToken
+
+
+class Pong(Message):
     role: str  # "prefill" | "decode"
     name: str
     version: str
@@ -177,41 +144,45 @@ class Pong:
     device: str = ""
     cpu_percent: float = 0.0
     rss_bytes: int = 0
-    extra: dict = field(default_factory=dict)
+    capabilities: Capabilities = msgspec.field(default_factory=Capabilities)
+    # a decode worker's own: where its KV goes, its cache, its counters and its CPUs
+    kv_addr: str = ""
+    kv_cache_type: str = ""
+    num_finished: int = 0
+    num_bad_frames: int = 0
+    numa_node: int = -1  # -1: not bound to a node
+    num_threads: int = 0
+    cpus: str = ""  # a cpulist, e.g. "0-7,16-23"
 
 
 # --- worker -> coordinator --------------------------------------------------------------------
 
 
-@message
-class Admitted:
+class Admitted(Message):
     request_id: bytes
-    token_ids: list
+    token_ids: list[int]
     slot: int  # -1: queued for a slot
 
 
-@message
-class Tokenized:
+class Tokenized(Message):
     request_id: bytes
-    token_ids: list
+    token_ids: list[int]
 
 
-@message
-class Detokenized:
+class Detokenized(Message):
     request_id: bytes
-    pieces: list  # text per token, UTF-8 sequences split across tokens carried to the later token
-    is_eog: list  # per token: end of generation (EOS, end of turn)
+    pieces: list[str]  # text per token, UTF-8 sequences split across tokens carried to the later token
+    is_eog: list[bool]  # per token: generation ends here (EOS, end of turn, or a stop string completed);
+    # the lists stop at the first such token
 
 
-@message
-class Refused:
+class Refused(Message):
     request_id: bytes
     reason: str
-    code: str  # "capacity" | "too_long" | "bad_request" | "model_mismatch"
+    code: str  # a DisaggError's `code` (homelab_disagg/errors.py): "capacity" | "too_long" | "bad_request"
 
 
-@message
-class PrefillDone:
+class PrefillDone(Message):
     request_id: bytes
     num_tokens: int
     compute_ms: float  # forward pass, including the device sync
@@ -224,34 +195,98 @@ class PrefillDone:
     first_token: int = -1  # with Prefill.sample_first: the greedy next token (already sent as FirstToken)
 
 
-@message
-class Tokens:
+class Tokens(Message):
     """Tokens produced by one decode step, for the requests of one coordinator."""
 
-    request_ids: list
-    token_ids: list
-    pieces: list  # detokenized text per token (may be "" while a UTF-8 sequence is incomplete)
+    request_ids: list[bytes]
+    token_ids: list[int]
+    pieces: list[str]  # detokenized text per token (may be "" while a UTF-8 sequence is incomplete)
 
 
-@message
-class Finished:
+class DecodeTimings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Where a request's time went on the decode worker (Finished.timings), in ms unless named."""
+
+    kv_wait_ms: float = 0.0  # admitted -> last KV layer landed
+    kv_recv_ms: float = 0.0  # first -> last KV layer landed
+    kv_bytes_wire: int = 0  # KV payload bytes received
+    queue_ms: float = 0.0  # waiting for a slot once the KV was there
+    inject_ms: float = 0.0  # KV placed into the llama.cpp cache
+    local_prefill_ms: float = 0.0  # kv_source "local": llama.cpp's own prefill
+    first_step_ms: float = 0.0  # the step that made the first output token
+    decode_ms: float = 0.0  # first output token -> last
+    tpot_ms: float = 0.0  # per output token after the first
+
+
+class Finished(Message):
     request_id: bytes
     finish_reason: str  # "stop" | "length"
     num_prompt_tokens: int
     num_output_tokens: int
-    timings: dict  # kv_wait_ms, inject_ms, first_step_ms, decode_ms, queue_ms, kv_recv_ms ...
+    timings: DecodeTimings = msgspec.field(default_factory=DecodeTimings)
 
 
-@message
-class GenerateDone:
+class GenerateDone(Message):
     request_id: bytes
-    token_ids: list
+    token_ids: list[int]
     ttft_ms: float
     decode_ms: float
 
 
-@message
-class Failed:
+class Failed(Message):
     request_id: bytes
     error: str
-    code: str = "error"
+    code: str = "error"  # a DisaggError's `code`, or "kv_error", "kv_timeout", "prefill_error", "kv_send", ...
+
+
+# --- the wire ---------------------------------------------------------------------------------
+
+
+class _Envelope(msgspec.Struct):
+    """What decode reads first: whatever sits under "t" and "v"; every other field is skipped."""
+
+    t: object = None
+    v: object = None
+
+
+_TYPES: dict[str, type[Message]] = {cls.__name__: cls for cls in Message.__subclasses__()}
+_ENVELOPE = msgspec.msgpack.Decoder(_Envelope)
+_DECODERS = {name: msgspec.msgpack.Decoder(cls) for name, cls in _TYPES.items()}
+
+
+def encode(msg: Message) -> bytes:
+    return msgspec.msgpack.encode(msg)
+
+
+def decode(buf) -> Message:
+    """One control message from its bytes; anything else raises MessageError."""
+    try:
+        env = _ENVELOPE.decode(buf)
+    except msgspec.DecodeError as e:
+        raise MessageError(f"control message is not a msgpack map ({_clip(e)}): "
+                           "the sender does not speak homelab-disagg's control protocol") from None
+    except RecursionError:  # arrays or maps nested past msgspec's depth limit
+        raise MessageError(_TOO_DEEP) from None
+    if env.v != PROTOCOL_VERSION:
+        raise MessageError(f"control message protocol v{_clip(env.v)}, this side speaks v{PROTOCOL_VERSION}: "
+                           "run the same homelab-disagg version on every box")
+    decoder = _DECODERS.get(env.t) if isinstance(env.t, str) else None
+    if decoder is None:
+        raise MessageError(f"control message type {_clip(repr(env.t))} is unknown to this side: "
+                           "run the same homelab-disagg version on every box")
+    try:
+        return decoder.decode(buf)
+    except msgspec.DecodeError as e:
+        raise MessageError(f"{env.t} message is malformed ({_clip(e)}): "
+                           "send the fields wire/messages.py defines, with their types") from None
+    except RecursionError:
+        raise MessageError(_TOO_DEEP) from None
+
+
+_TOO_DEEP = ("control message nests values deeper than any message field does: "
+             "the sender does not speak homelab-disagg's control protocol")
+
+
+def _clip(what) -> str:
+    """A peer's value or msgspec's words about it, cut short: they end up in logs and replies."""
+    text = str(what)
+    return text if len(text) <= MAX_QUOTE_CHARS else text[: MAX_QUOTE_CHARS - 3] + "..."

@@ -2,11 +2,10 @@
 cache rows, and f16 values <-> byte planes for the lossless codec.
 
 A decode box receiving kivi4 dequantizes every element, and for a q8_0 cache rotates and requantizes it;
-numpy does that in up to five passes over float32 copies (into q8_0 about 0.3 GB/s of f16 on one core of
-the dev box), the kernels in one pass held in L1 (into q8_0 about 2.4 GB/s, into f16 about 10), with the
-same bits. `pip install` builds them where a C compiler is present; without one, on an x86 CPU without
-AVX2 and F16C, or from a compiler other than GCC on x86, the codecs keep the numpy path
-(tests/wire/test_native.py pins the two).
+numpy does that in up to five passes over float32 copies, the kernels in one pass held in L1, several
+times faster, with the same bits. `pip install` builds them where a C compiler is present; without one,
+on an x86 CPU without AVX2 and F16C, or from a compiler other than GCC on x86, the codecs keep the
+numpy path (tests/wire/test_native.py pins the two).
 """
 
 from __future__ import annotations
@@ -17,7 +16,9 @@ import importlib.util
 
 import numpy as np
 
-Q8_0_BLOCK_BYTES = 34
+from wire import ggml
+
+_Q8_0 = ggml.GGML_TYPES["q8_0"]
 MAX_RUN = 512  # _native.c's buffers hold runs of up to this many elements (K of head_dim 512)
 
 
@@ -59,14 +60,14 @@ def _rows(out: np.ndarray | None, shape: tuple, dtype) -> np.ndarray:
 
 def kivi4_to_q8_0(payload, num_tokens: int, row_elems: int, role: str, n: int,
                   out: np.ndarray | None = None) -> np.ndarray | None:
-    """kivi4 payload of a [T, C] K or V matrix (its size already checked) -> q8_0 rows [T, C/32*34]
+    """kivi4 payload of a [T, C] K or V matrix (its size already checked) -> q8_0 rows [T, C/32 blocks]
     (written into `out` where given, which is returned), H_n-rotated in runs of n (0: no rotation); None
     where the kernel is not built or runs are longer than it holds."""
     lib = _library()
     if lib is None or n > MAX_RUN:
         return None
     src = np.frombuffer(payload, dtype=np.uint8)
-    rows = _rows(out, (num_tokens, row_elems // 32 * Q8_0_BLOCK_BYTES), np.uint8)
+    rows = _rows(out, (num_tokens, _Q8_0.row_bytes(row_elems)), np.uint8)
     if lib.kivi4_to_q8_0(src.ctypes.data, rows.ctypes.data, num_tokens, row_elems, role == "k", n):
         raise ValueError(f"kivi4 -> q8_0 kernel refused {num_tokens} x {row_elems} with runs of {n}")
     return rows

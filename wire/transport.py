@@ -1,7 +1,8 @@
 """ZeroMQ plumbing: typed control endpoints and the KV sender thread. Sockets live only here.
 
 Control traffic (coordinator <-> workers) is ROUTER (worker, binds) <-> DEALER (coordinator,
-connects), one msgpack message per ZeroMQ frame. KV traffic is PUSH (prefill, connects) ->
+connects), one msgpack message per ZeroMQ frame; a worker reads it through a ControlInbox, which
+answers anything else with Failed instead of handing it on. KV traffic is PUSH (prefill, connects) ->
 PULL (decode, binds), one 3-part message per layer (wire/frame.py), sent without copies except
 from a GPU forward pass (see KvSender).
 
@@ -13,12 +14,13 @@ KV up in RAM.
 from __future__ import annotations
 
 import ctypes
+import logging
 import queue
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 import zmq
 
@@ -35,12 +37,93 @@ KV_HWM_LAYERS = 32
 KV_BATCH_WINDOW_S = 0.005
 
 
+# The largest control message a worker takes in: a Prefill of a 128k-token prompt is ~0.7 MB. A frame
+# announcing more is dropped by ZeroMQ with its connection, before any of it is buffered.
+MAX_CONTROL_MESSAGE_BYTES = 64 << 20
+WARN_INTERVAL_S = 10.0  # rejected control messages: at most one log line per this long
+
+
 def bind_router(ctx: zmq.Context, addr: str) -> zmq.Socket:
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_MESSAGE_BYTES)
     sock.bind(addr)
     return sock
+
+
+class ThrottledWarning:
+    """A warning logged at most once per `interval_s`; the lines held back are counted into the next
+    one. For what a peer can send at any rate: one line per bad input would flood the log."""
+
+    def __init__(self, log: logging.Logger, interval_s: float = WARN_INTERVAL_S):
+        self.log, self.interval_s = log, interval_s
+        self._next_s = 0.0
+        self._num_held = 0
+
+    def __call__(self, fmt: str, *args, exc_info: bool = False) -> None:
+        now = time.monotonic()
+        if now < self._next_s:
+            self._num_held += 1
+            return
+        if self._num_held:
+            fmt, args = fmt + " (and %d more in the last %.0f s)", (*args, self._num_held, self.interval_s)
+        self.log.warning(fmt, *args, exc_info=exc_info)
+        self._next_s, self._num_held = now + self.interval_s, 0
+
+
+class ControlInbox:
+    """The receive side of a worker's control socket (a ROUTER): one (sender, message) per well-formed
+    message. Anything else (more or fewer than one frame, bytes that do not decode to a message of
+    this version) is answered with Failed(code "bad_request") naming what was wrong, and logged as a
+    throttled warning; the worker never sees it. Handlers report their own failures through `reject`."""
+
+    def __init__(self, sock: zmq.Socket, log: logging.Logger):
+        self.sock = sock
+        self._warn = ThrottledWarning(log)
+
+    def wait(self) -> tuple[bytes, messages.Message]:
+        """The next well-formed message, blocking."""
+        while True:
+            got = self._take(0)
+            if got is not None:
+                return got
+
+    def pending(self) -> Iterator[tuple[bytes, messages.Message]]:
+        """Each well-formed message waiting now, without blocking."""
+        while True:
+            try:
+                got = self._take(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if got is not None:
+                yield got
+
+    def dispatch(self, identity: bytes, msg: messages.Message, handle, worker: str) -> None:
+        """handle(identity, msg); a message that reaches a bug in it fails alone (Failed, code
+        "internal_error", naming `worker`) and the worker serves on."""
+        try:
+            handle(identity, msg)
+        except Exception as e:
+            self.reject(identity, getattr(msg, "request_id", b""),
+                        f"{type(msg).__name__} failed on {worker}: {type(e).__name__}: {e}", "internal_error",
+                        exc_info=True)
+
+    def reject(self, identity: bytes, request_id: bytes, why: str, code: str = "bad_request",
+               exc_info: bool = False) -> None:
+        self._warn("control message from peer %s rejected: %s", identity.hex(), why, exc_info=exc_info)
+        reply(self.sock, identity, messages.Failed(request_id, why, code))
+
+    def _take(self, flags: int) -> tuple[bytes, messages.Message] | None:
+        identity, *frames = self.sock.recv_multipart(flags)  # a ROUTER puts the sender's identity first
+        if len(frames) != 1:
+            self.reject(identity, b"", f"a control message is one ZeroMQ frame, this one came in {len(frames)}")
+            return None
+        try:
+            return identity, messages.decode(frames[0])
+        except messages.MessageError as e:
+            self.reject(identity, b"", str(e))
+            return None
 
 
 def keep_kv_buffers_off_mmap() -> None:
@@ -100,8 +183,8 @@ class CopyEvent(Protocol):
 class LayerJob:
     """One layer to send. `copied`, where given, marks when the host buffers hold the data: the sender
     waits on it only if it has not fired yet (each wait is a GIL hand-over on a GPU worker). A payload
-    may also be a Future of one, still being coded on another thread (a host encoder's). `abort` sends
-    an abort frame for header.request_id instead (the decode side frees the slot)."""
+    may also be a Future of one, still being coded on another thread (a host encoder's). A header from
+    frame.abort_header makes it an abort frame for that request instead (the decode side frees the slot)."""
 
     addr: str
     header: frame.FrameHeader
@@ -109,7 +192,6 @@ class LayerJob:
     v_payload: object = b""
     copied: CopyEvent | None = None
     on_sent: Callable[[float, Exception | None], None] | None = None  # hand-over time or error
-    abort: bool = False
 
 
 def payload(p):
@@ -187,8 +269,8 @@ class KvSender:
                 raise self._failed[rid]
             if job.copied is not None and not job.copied.query():
                 job.copied.synchronize()
-            if job.abort:
-                parts = frame.encode_abort(job.header.request_id, job.header.fingerprint)
+            if job.header.kind == frame.KIND_ABORT:
+                parts = frame.encode_abort(job.header)
             else:
                 parts = frame.encode_layer(job.header, payload(job.k_payload), payload(job.v_payload))
             self._socket(job.addr).send_multipart(parts, copy=self._copy)

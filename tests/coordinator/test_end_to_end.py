@@ -35,10 +35,10 @@ def generate(lab, arch: str, **req):
         try:
             if arch == "colocated-gpu" and "token_ids" not in req:
                 req["token_ids"] = await coord.tokenize(req.pop("prompt"))
-            toks = [ev.token_id async for ev in coord.generate(GenerationRequest(architecture=arch, **req), rec)]
+            events = [ev async for ev in coord.generate(GenerationRequest(architecture=arch, **req), rec)]
         finally:
             await coord.close()
-        return toks, rec
+        return [ev.token_id for ev in events], rec, "".join(ev.piece for ev in events)
 
     return asyncio.run(go())
 
@@ -46,9 +46,9 @@ def generate(lab, arch: str, **req):
 def test_disaggregated_request_streams_tokens_and_measures_the_handoff(lab, model_info):
     from wire.messages import Sampling
 
-    toks, rec = generate(lab, "disaggregated", prompt="The capital of France is", sampling=Sampling(max_tokens=6))
+    toks, rec, text = generate(lab, "disaggregated", prompt="The capital of France is", sampling=Sampling(max_tokens=6))
     assert len(toks) == 6 and rec.output_tokens == 6 and rec.finish_reason == "length"
-    assert "Paris" in rec.text
+    assert "Paris" in text
     # KV of all prompt tokens but the last, f16, both K and V, every layer
     assert rec.kv_bytes_wire == (rec.prompt_tokens - 1) * model_info.kv_bytes_per_token_f16
     assert rec.ttft_ms > 0 and rec.prefill_compute_ms > 0 and rec.first_step_ms > 0 and rec.inject_ms > 0
@@ -70,9 +70,9 @@ def test_first_token_from_the_prefill_worker(lab, model_info):
     from wire.messages import Sampling
 
     s = Sampling(max_tokens=6, ignore_eos=True)
-    toks, rec = generate(lab.with_(first_token_from_prefill=True), "disaggregated", prompt="The capital of France is",
-                         sampling=s)
-    assert len(toks) == 6 and rec.finish_reason == "length" and "Paris" in rec.text
+    toks, rec, text = generate(lab.with_(first_token_from_prefill=True), "disaggregated", prompt="The capital of France is",
+                               sampling=s)
+    assert len(toks) == 6 and rec.finish_reason == "length" and "Paris" in text
     assert rec.kv_bytes_wire == rec.prompt_tokens * model_info.kv_bytes_per_token_f16  # all prompt tokens
     assert rec.first_step_ms == 0.0 and rec.inject_ms > 0  # the first token came before any decode step
     torch_first = generate(lab, "colocated-gpu", prompt="The capital of France is", sampling=Sampling(max_tokens=1))[0]
@@ -86,12 +86,12 @@ def test_first_token_from_the_prefill_worker(lab, model_info):
 def test_first_token_from_the_prefill_worker_that_ends_the_request(lab):
     from wire.messages import Sampling
 
-    toks, rec = generate(lab.with_(first_token_from_prefill=True), "disaggregated", prompt="The capital of France is",
-                         sampling=Sampling(max_tokens=1))
+    toks, rec, _ = generate(lab.with_(first_token_from_prefill=True), "disaggregated", prompt="The capital of France is",
+                            sampling=Sampling(max_tokens=1))
     assert len(toks) == 1 and rec.finish_reason == "length"
     # the slot is free again and the KV frames that came after the request ended were dropped quietly
     pong = asyncio.run(_pong(lab))
-    assert pong.free_slots == pong.num_slots and pong.extra["bad_frames"] == 0
+    assert pong.free_slots == pong.num_slots and pong.num_bad_frames == 0
 
 
 async def _tokenize(lab, text: str) -> list[int]:

@@ -237,6 +237,14 @@ def test_bad_requests_get_openai_error_bodies(server, model_id):
     assert err["code"] == "context_length_exceeded" and "does not fit" in err["message"]
     err = _error(httpx.post(f"{server().url}/v1/chat/completions", json={"model": model_id, "messages": "hi"}), 400)
     assert err["param"] == "messages"
+    # no slot holds a billion tokens: said at once, no slot held until the context runs out
+    err = _error(httpx.post(url, json={"model": model_id, "prompt": PROMPT, "max_tokens": 10**9}), 400)
+    assert err["code"] == "context_length_exceeded" and "max_tokens 1000000000 does not fit" in err["message"]
+    err = _error(httpx.post(url, content=b'{"prompt": "\\ud800"}', headers={"content-type": "application/json"}), 400)
+    assert "lone surrogate" in err["message"]
+    err = _error(httpx.post(f"{server().url}/v1/chat/completions",
+                            json={"messages": [{"role": "wizard", "content": "hi"}]}), 400)
+    assert "messages[0].role" in err["message"]
     _error(httpx.get(f"{server().url}/v1/nope"), 404)
 
 
@@ -301,7 +309,7 @@ def test_records_file_holds_the_ttft_breakdown(server, client, model_id, lab):
 
 @pytest.mark.parametrize("arch", ["disaggregated", "colocated-cpu", "colocated-gpu", "replicated"])
 def test_each_architecture_serves_the_same_16_request_workload(server, arch):
-    from benchmarks.serve import BenchOptions, LengthRange, make_prompts, run_point, summarize
+    from homelab_disagg.lab.bench.serve import BenchOptions, LengthRange, make_prompts, run_point, summarize
 
     s = server(arch)
     opts = BenchOptions(base_url=s.url, num_prompts=16, input_len=LengthRange(24, 96), output_len=LengthRange(8, 8))

@@ -7,44 +7,94 @@ import asyncio
 import math
 
 import pytest
+from pydantic import ValidationError
 
-from benchmarks.serve import LengthRange, RequestResult, parse_goodput, parse_sweep, summarize
+from homelab_disagg.lab.bench.serve import LengthRange, RequestResult, parse_goodput, parse_sweep, summarize
 from coordinator.metrics import ServeMetrics
 from coordinator.records import RequestRecord
-from coordinator.server import ApiError, parse_messages, parse_prompt, parse_sampling
+from coordinator.openai_protocol import ApiError, ChatCompletionRequest, CompletionRequest, api_error_from_validation
 from homelab_disagg.errors import ConfigError
 from wire.messages import Pong
 
 
+def body_error(model, body: dict) -> ApiError:
+    """The 400 the server answers a body with."""
+    with pytest.raises(ValidationError) as e:
+        model.model_validate(body)
+    err = api_error_from_validation(e.value.errors())
+    assert err.status == 400 and set(err.body()["error"]) == {"message", "type", "param", "code"}
+    return err
+
+
 def test_sampling_defaults_and_limits():
-    s = parse_sampling({"max_tokens": 5, "stop": "\n", "top_k": -1}, 16)
+    s = CompletionRequest.model_validate({"prompt": "x", "max_tokens": 5, "stop": "\n", "top_k": -1}).sampling()
     assert (s.max_tokens, s.temperature, s.stop, s.top_k) == (5, 0.0, ("\n",), 0)
-    assert parse_sampling({}, 16).max_tokens == 16
-    assert parse_sampling({"max_completion_tokens": 7}, 16).max_tokens == 7
+    assert CompletionRequest.model_validate({"prompt": "x"}).sampling().max_tokens == 16
+    assert ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}]}).sampling().max_tokens == 512
+    assert CompletionRequest.model_validate({"prompt": "x", "max_completion_tokens": 7}).sampling().max_tokens == 7
     for bad, param in (({"max_tokens": -1}, "max_tokens"), ({"max_tokens": "9"}, "max_tokens"),
                        ({"temperature": 3}, "temperature"), ({"n": 2}, "n"), ({"stop": [""]}, "stop"),
-                       ({"top_p": 1.5}, "top_p"), ({"max_tokens": True}, "max_tokens")):
-        with pytest.raises(ApiError) as e:
-            parse_sampling(bad, 16)
-        assert e.value.status == 400 and e.value.param == param
-        assert set(e.value.body()["error"]) == {"message", "type", "param", "code"}
+                       ({"top_p": 1.5}, "top_p"), ({"max_tokens": True}, "max_tokens"), ({"max_tokens": 2**64}, "max_tokens"),
+                       ({"logprobs": 2}, "logprobs"), ({"echo": True}, "echo"), ({"ignore_eos": None}, "ignore_eos"),
+                       ({"stream": "yes"}, "stream"), ({"stream_options": "x"}, "stream_options")):
+        assert body_error(CompletionRequest, {"prompt": "x", **bad}).param == param
+
+
+def test_error_messages_name_the_field_what_it_must_be_and_what_came():
+    err = body_error(CompletionRequest, {"prompt": "x", "max_tokens": -3})
+    assert (err.message, err.code) == ("max_tokens must be >= 1, got -3", "invalid_value")
+    err = body_error(CompletionRequest, {"prompt": "x", "max_tokens": "9"})
+    assert (err.message, err.code) == ('max_tokens must be an integer, got "9"', "invalid_type")
+    assert body_error(CompletionRequest, {"prompt": "x", "temperature": 3}).message == "temperature must be <= 2.0, got 3"
+    assert body_error(CompletionRequest, {"prompt": "x", "n": 2}).message == "n: only n=1 is supported, got 2"
+    assert body_error(ChatCompletionRequest, {"messages": [{"role": "user", "content": "x"}], "logprobs": True}).message \
+        == "logprobs is not supported, got true"
+    assert body_error(CompletionRequest, {"prompt": "x", "n": 2}).code == "unsupported"
+    err = body_error(ChatCompletionRequest, {"messages": [{"role": "wizard", "content": "hi"}]})
+    assert err.message == "messages[0].role must be 'system', 'user', 'assistant' or 'tool', got \"wizard\""
+    assert err.param == "messages"
 
 
 def test_prompt_and_messages_shapes():
-    assert parse_prompt({"prompt": "hi"}) == {"prompt": "hi"}
-    assert parse_prompt({"prompt": ["hi"]}) == {"prompt": "hi"}
-    assert parse_prompt({"prompt": [1, 2, 3]}) == {"token_ids": [1, 2, 3]}
-    assert parse_prompt({"prompt": [[1, 2]]}) == {"token_ids": [1, 2]}
-    for bad in ({}, {"prompt": ""}, {"prompt": ["a", "b"]}, {"prompt": 3}):
-        with pytest.raises(ApiError):
-            parse_prompt(bad)
+    def prompt(p):
+        return CompletionRequest.model_validate({"prompt": p}).prompt_fields()
+
+    assert prompt("hi") == {"prompt": "hi"}
+    assert prompt(["hi"]) == {"prompt": "hi"}
+    assert prompt([1, 2, 3]) == {"token_ids": [1, 2, 3]}
+    assert prompt([[1, 2]]) == {"token_ids": [1, 2]}
+    for bad in ({}, {"prompt": ""}, {"prompt": ["a", "b"]}, {"prompt": 3}, {"prompt": [1, -2]}):
+        assert body_error(CompletionRequest, bad).param == "prompt"
+    assert "one prompt per request" in body_error(CompletionRequest, {"prompt": ["a", "b"]}).message
     parts = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
-    assert parse_messages({"messages": parts}) == [{"role": "user", "content": "ab"}]
-    for bad in ({"messages": []}, {"messages": ["x"]}, {"messages": [{"content": "x"}]},
-                {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}):
-        with pytest.raises(ApiError) as e:
-            parse_messages(bad)
-        assert e.value.param == "messages"
+    assert ChatCompletionRequest.model_validate({"messages": parts}).prompt_fields() == \
+        {"messages": [{"role": "user", "content": "ab"}]}
+    for bad in ({"messages": []}, {"messages": "hi"}, {"messages": ["x"]}, {"messages": [{"content": "x"}]},
+                {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+                {"messages": [{"role": "wizard", "content": "x"}]},
+                {"messages": [{"role": "user", "content": None}]}, {"messages": [{"role": "user"}]}):
+        assert body_error(ChatCompletionRequest, bad).param == "messages"
+
+
+def test_chat_roles_and_null_content():
+    msgs = [{"role": r, "content": "x"} for r in ("system", "user", "assistant", "tool")]
+    assert [m["role"] for m in ChatCompletionRequest.model_validate({"messages": msgs}).prompt_fields()["messages"]] == \
+        ["system", "user", "assistant", "tool"]
+    # an assistant turn that carried tool calls has no content: read as empty; from anyone else it is an error
+    with_calls = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": []}]}
+    assert ChatCompletionRequest.model_validate(with_calls).prompt_fields()["messages"][1] == {"role": "assistant", "content": ""}
+    err = body_error(ChatCompletionRequest, {"messages": [{"role": "system", "content": None}]})
+    assert "messages[0].content" in err.message and "null only from the assistant" in err.message
+
+
+def test_a_lone_surrogate_is_a_400_wherever_text_goes():
+    for model, body in ((CompletionRequest, {"prompt": "a\ud800b"}), (CompletionRequest, {"prompt": ["\udfff"]}),
+                        (CompletionRequest, {"prompt": "x", "stop": ["\ud800"]}),
+                        (ChatCompletionRequest, {"messages": [{"role": "user", "content": "\ud800"}]}),
+                        (ChatCompletionRequest, {"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]})):
+        err = body_error(model, body)
+        assert "lone surrogate" in err.message and err.code == "invalid_value"
+        err.response()  # the error body itself encodes (a surrogate echoed raw would not)
 
 
 def test_503_carries_retry_after():

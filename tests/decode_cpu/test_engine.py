@@ -3,6 +3,7 @@ stop/EOS/length, slot accounting, and bad input that must fail only its own sequ
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import time
 
@@ -14,6 +15,8 @@ from tests.conftest import needs_llama
 pytestmark = needs_llama
 
 SLOTS, SLOT_CTX, MAX_QUEUE = 4, 128, 2
+# request ids of KV frames are 16 bytes
+RID_FRAMES, RID_BAD, RID_PARTIAL = (name.ljust(16, b".") for name in (b"frames", b"bad", b"partial"))
 # one llama.cpp thread: these tests check behaviour, not speed, and on a shared 2-core box a second
 # thread spin-waiting at every graph node's barrier makes each step many times slower under load
 THREADS = 1
@@ -135,15 +138,15 @@ def test_a_first_token_from_the_prefill_worker_is_streamed_at_once_and_decoded_f
     assert engine.expected_kv_tokens(seq) == len(ids)  # KV of every prompt token
     now = time.perf_counter()
     if token_first:
-        first = engine.accept_first_token(seq, want[0])
+        first = engine.accept_first_token(seq.request_id, want[0])
         assert first.token_id == want[0] and "Paris" in first.piece and first.finish_reason is None
         assert not engine.place_ready() and not engine.has_work()  # no KV yet: nothing to run
         engine.kv_landed(seq, bytearray(own_state(engine, ids)), now, now)
     else:
         engine.kv_landed(seq, bytearray(own_state(engine, ids)), now, now)
         assert not engine.place_ready() and not engine.has_work()  # KV in, no first token yet: it waits
-        first = engine.accept_first_token(seq, want[0])
-    assert engine.accept_first_token(seq, want[0]) is None  # one first token only
+        first = engine.accept_first_token(seq.request_id, want[0])
+    assert engine.accept_first_token(seq.request_id, want[0]) is None  # one first token only
     rest = drain(engine)[b"f"]
     assert [first.token_id] + tokens(rest) == want
     assert [o.finish_reason for o in rest] == [None] * 6 + ["length"]
@@ -155,11 +158,11 @@ def test_a_first_token_that_ends_the_request_frees_the_slot_at_once(engine):
 
     ids = ids_of(engine, "The capital of France is")
     seq = engine.admit(b"one", ids, Sampling(max_tokens=1), local_prefill=False, first_from_prefill=True)
-    out = engine.accept_first_token(seq, greedy_alone(engine, ids, 1)[0])
+    out = engine.accept_first_token(seq.request_id, greedy_alone(engine, ids, 1)[0])
     assert out.finish_reason == "length" and b"one" not in engine.seqs and engine.slots.num_free == SLOTS
-    eos = engine.admit(b"eos", ids, Sampling(max_tokens=8), local_prefill=False, first_from_prefill=True)
+    engine.admit(b"eos", ids, Sampling(max_tokens=8), local_prefill=False, first_from_prefill=True)
     eog = next(t for t in range(engine.model.n_vocab) if engine.model.is_eog(t))  # SmolLM2: <|endoftext|>, id 0
-    out = engine.accept_first_token(eos, eog)
+    out = engine.accept_first_token(b"eos", eog)
     assert out.finish_reason == "stop" and b"eos" not in engine.seqs
 
 
@@ -170,7 +173,7 @@ def test_only_greedy_requests_take_a_first_token_from_the_prefill_worker(engine)
     with pytest.raises(RequestError, match="greedy"):
         engine.admit(b"t", [1, 2, 3], Sampling(temperature=0.7), local_prefill=False, first_from_prefill=True)
     seq = engine.admit(b"n", [1, 2, 3], Sampling(), local_prefill=False)
-    assert engine.accept_first_token(seq, 5) is None and seq.output_ids == []  # not admitted for one: ignored
+    assert engine.accept_first_token(b"n", 5) is None and seq.output_ids == []  # not admitted for one: ignored
 
 
 def test_sequences_join_the_step_after_injection_and_leave_at_once(engine):
@@ -284,7 +287,7 @@ def test_context_end_finishes_with_length(engine):
 
     n_ctx = engine.ctx.n_ctx_seq
     ids = (ids_of(engine, "Count with me: " + " ".join(str(i) for i in range(200))))[: n_ctx - 5]
-    inject(engine, b"c", ids, Sampling(max_tokens=1000, ignore_eos=True))
+    inject(engine, b"c", ids, Sampling(max_tokens=n_ctx - 1, ignore_eos=True))
     outs = drain(engine)[b"c"]
     # the last prompt token goes to cell n_ctx-6; every output token but the last needs a cell
     assert len(outs) == 6 and outs[-1].finish_reason == "length" and not any(o.error for o in outs)
@@ -300,6 +303,18 @@ def test_prompt_larger_than_a_slot_is_refused(engine):
     with pytest.raises(RequestError, match="does not fit a decode slot of"):
         engine.admit(b"big", list(range(100, 100 + engine.ctx.n_ctx_seq)), Sampling(), local_prefill=False)
     assert not engine.seqs
+
+
+def test_max_tokens_beyond_a_slot_is_refused_not_capped(engine):
+    """max_tokens no slot can meet (1e9) is a clear refusal, not a slot held until the context ends."""
+    from homelab_disagg.errors import PromptTooLong
+    from wire.messages import Sampling
+
+    n_ctx = engine.ctx.n_ctx_seq
+    with pytest.raises(PromptTooLong, match=f"max_tokens 1000000000 does not fit a decode slot of {n_ctx} tokens"):
+        engine.admit(b"huge", [1, 2, 3], Sampling(max_tokens=10**9), local_prefill=False)
+    assert not engine.seqs
+    engine.release(engine.admit(b"fits", [1, 2, 3], Sampling(max_tokens=n_ctx - 1), local_prefill=False))
 
 
 def test_capacity_refuses_beyond_slots_and_queue_and_a_cancel_makes_room(engine):
@@ -326,6 +341,104 @@ def test_cancel_frees_cells_at_once_and_twice_is_harmless(engine):
     engine.release(seq)
     assert engine.ctx.seq_pos_max(slot) == -1 and engine.slots.num_free == SLOTS
     assert engine.num_finished == finished + 1 and engine.step() == []
+
+
+def kv_frames(engine, rid: bytes, ids: list[int]) -> list:
+    """The f16 KV frames a prefill worker would send for ids, checked by the wire's own decoder:
+    [(header, K payload, V payload)] per layer, from llama.cpp's own state of those tokens. A frame
+    carries 16-byte request ids: rid must be one."""
+    from decode_cpu.kv_state import parse_state
+    from wire import codecs, frame
+
+    own = parse_state(own_state(engine, ids))
+    g, n = engine.geometry, len(ids)
+    out = []
+    for layer in range(g.num_layers):
+        h = frame.FrameHeader(rid, g.fingerprint, codecs.get_codec("f16").codec_id, layer, g.num_layers, n,
+                              g.row_elems, 0, 0)
+        out.append(frame.decode_message(frame.encode_layer(h, bytes(own.k_rows[layer]), bytes(own.v_rows[layer]))))
+    return out
+
+
+def test_kv_frames_assemble_into_a_sequence_that_decodes_like_llama_cpp_alone(engine):
+    from wire.messages import Sampling
+
+    ids = ids_of(engine, "The capital of France is")
+    seq = engine.admit(RID_FRAMES, ids, Sampling(max_tokens=6, ignore_eos=True), local_prefill=False)
+    frames = kv_frames(engine, RID_FRAMES, ids[:-1])
+    for h, k, v in frames[:-1]:
+        engine.add_kv_frame(h, k, v)
+    assert seq.state == "wait_kv" and seq.assembly.next_layer == len(frames) - 1 and engine.num_queued == 1
+    engine.add_kv_frame(*frames[-1])
+    assert seq.state == "ready" and seq.assembly is None
+    assert seq.timings["kv_bytes_wire"] == sum(len(k) + len(v) for _, k, v in frames)
+    engine.add_kv_frame(*frames[0])  # a frame for a request that waits for no KV: dropped
+    assert tokens(drain(engine)[RID_FRAMES]) == greedy_alone(engine, ids, 6)
+    t = engine.timings_of(seq)
+    assert t["decode_ms"] > 0 and t["tpot_ms"] > 0 and t["inject_ms"] > 0 and not any(k.startswith("t_") for k in t)
+    assert engine.num_free_slots == SLOTS and engine.num_queued == 0
+
+
+def test_a_bad_kv_frame_raises_by_name_and_cancel_frees_the_partial_stream(engine):
+    from homelab_disagg.errors import RequestError
+    from wire import frame
+    from wire.messages import Sampling
+
+    ids = ids_of(engine, "Water boils at")
+    seq = engine.admit(RID_BAD, ids, Sampling(), local_prefill=False)
+    frames = kv_frames(engine, RID_BAD, ids)  # one token more than the admitted prompt's KV
+    with pytest.raises(frame.GeometryMismatch, match=f"carries {len(ids)} tokens, the admitted prompt needs"):
+        engine.add_kv_frame(*frames[0])
+    h, k, v = kv_frames(engine, RID_BAD, ids[:-1])[0]
+    engine.add_kv_frame(h, k, v)
+    with pytest.raises(frame.FrameError, match="aborted"):
+        engine.add_kv_frame(dataclasses.replace(h, kind=frame.KIND_ABORT), b"", b"")
+    with pytest.raises(RequestError, match="not a token id"):
+        engine.accept_first_token(RID_BAD, engine.model.n_vocab)
+    assert engine.cancel(RID_BAD) is seq and seq.assembly is None and seq.state == "done"
+    assert engine.cancel(RID_BAD) is None and engine.num_queued == 0
+    engine.add_kv_frame(h, k, v)  # the rest of a cancelled stream: dropped
+
+
+def test_a_stalled_kv_stream_expires_after_kv_timeout_s(engine):
+    from wire.messages import Sampling
+
+    ids = ids_of(engine, "Snow is")
+    silent = engine.admit(b"silent", ids, Sampling(), local_prefill=False)
+    partial = engine.admit(RID_PARTIAL, ids, Sampling(), local_prefill=False)
+    frames = kv_frames(engine, RID_PARTIAL, ids[:-1])
+    engine.add_kv_frame(*frames[0])
+    assert engine.expire_stalled_kv(time.perf_counter()) == []
+    later = time.perf_counter() + engine.cfg.kv_timeout_s + 1
+    expired = dict((s.request_id, why) for s, why in engine.expire_stalled_kv(later))
+    assert expired.keys() == {b"silent", RID_PARTIAL} and silent.state == partial.state == "done"
+    assert expired[b"silent"].startswith("KV stream stalled: no layer arrived within")
+    assert expired[RID_PARTIAL].startswith(f"KV stream stalled: 1 of {len(frames)} layers arrived within")
+
+
+def test_detokenize_gives_pieces_that_join_into_the_text(engine):
+    from homelab_disagg.errors import RequestError
+
+    text = "Café au lait, s'il vous plaît"
+    ids = ids_of(engine, text)
+    pieces, is_eog = engine.detokenize(ids)
+    assert text in "".join(pieces) and len(pieces) == len(ids) and not any(is_eog)
+    with pytest.raises(RequestError, match="token ids must be in 0.."):
+        engine.detokenize([1, engine.model.n_vocab])
+
+
+def test_detokenize_ends_the_text_as_a_generated_stream_would(engine):
+    """Stop strings and end-of-generation tokens, for tokens made elsewhere (colocated-gpu): the
+    text is cut just before the stop string and the lists end at the token that completed it."""
+    text = "The capital of France is Paris. The capital of Germany is Berlin."
+    ids = ids_of(engine, text)
+    whole = "".join(engine.detokenize(ids)[0])
+    pieces, is_eog = engine.detokenize(ids, stop=("Paris.",))
+    assert "".join(pieces) == whole[: whole.index("Paris.")]
+    assert is_eog[-1] and not any(is_eog[:-1]) and len(pieces) < len(ids)
+    eog = next(t for t in range(engine.model.n_vocab) if engine.model.is_eog(t))
+    pieces, is_eog = engine.detokenize(ids[:4] + [eog] + ids[4:])
+    assert len(pieces) == 5 and is_eog == [False] * 4 + [True] and "".join(pieces) == "".join(engine.detokenize(ids[:4])[0])
 
 
 def _relayout(state: bytes, n_stream=None, drop_layers=0, first_pos=0) -> bytes:

@@ -34,9 +34,9 @@ def test_one_worker_per_numa_node_bound_to_it(endpoint):
     log = local.procs[0].log_tail(4000)
     assert f"NUMA node {nodes[0].node_id}: CPUs {numa.format_cpulist(nodes[0].cpus)}" in log
     pong = _Client(ep).call_ping()
-    assert pong.extra["numa_node"] == nodes[0].node_id
-    assert pong.extra["threads"] == nodes[0].num_physical_cores
-    assert pong.extra["cpus"] == numa.format_cpulist(nodes[0].cpus)
+    assert pong.numa_node == nodes[0].node_id
+    assert pong.num_threads == nodes[0].num_physical_cores
+    assert pong.cpus == numa.format_cpulist(nodes[0].cpus)
 
 
 class _Client:

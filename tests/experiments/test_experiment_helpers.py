@@ -8,7 +8,8 @@ from dataclasses import asdict
 
 import pytest
 
-from experiments import calibrate, common, exp1_architectures, exp2_transfer, exp5_ttft_anatomy
+from homelab_disagg import calibration
+from experiments import common, exp1_architectures, exp2_transfer, exp5_ttft_anatomy
 from homelab_disagg import plan
 
 
@@ -97,7 +98,7 @@ def _anatomy_rows(profile: plan.ModelProfile) -> list[dict]:
 def test_calibration_recovers_the_costs_it_was_measured_with(tmp_path):
     profile = plan.PRESETS["smollm2-135m"]
     common.save_csv(tmp_path, "exp5_ttft_anatomy", _anatomy_rows(profile), {})
-    cal = calibrate.from_results(tmp_path)
+    cal = calibration.from_results(tmp_path)
     assert cal.model == profile
     assert (cal.gpu_prefill_ms.c0, cal.gpu_prefill_ms.c1) == pytest.approx((50, 2), rel=1e-3)
     assert cal.gpu_ttft_ms(1000) == pytest.approx(60 + 2100, rel=1e-3)
@@ -111,4 +112,4 @@ def test_calibration_without_the_anatomy_run_says_what_to_run(tmp_path):
     from homelab_disagg.errors import ConfigError
 
     with pytest.raises(ConfigError, match="exp5_ttft_anatomy"):
-        calibrate.from_results(tmp_path)
+        calibration.from_results(tmp_path)

@@ -100,32 +100,26 @@ def test_prefill_done_reports_what_vllm_shipped(vllm_lab, kv_sink, model_info):
 
 
 def test_vllm_kv_injected_agrees_with_llama_prefill(vllm_lab, kv_sink, judge, model_info, quality_texts):
-    from homelab_disagg.quality import compare, pool
+    from homelab_disagg.lab.quality import judge as judge_against_floor
 
-    results = []
+    refs, cands, probes = [], [], []
     for ids, split in quality_texts:
         _, state = vllm_prefill(vllm_lab, kv_sink, model_info, ids[: split - 1])
-        ref = judge.reference(ids, split)
-        results.append(compare(ref, judge.after_injection(ids, split, state), np.array(ids[split:])))
-    pooled = pool(results)
-    first_equal = sum(r.first_token_equal for r in results)
-    print(f"vLLM: top1={pooled.top1:.4f} kl={pooled.kl:.5f} ppl {pooled.ppl_ref:.3f}->{pooled.ppl_candidate:.3f} "
-          f"first-token {first_equal}/8 over {pooled.positions} positions; per prompt "
-          + " ".join(f"{r.top1:.3f}" for r in results))
-    # The torch path measures 0.959 on these 364 positions; vLLM's KV equals its KV to one f16 ulp
-    # (next test), and one ulp flips near-tied argmaxes through llama.cpp's 8-bit activations. With
-    # vLLM's CPU kernels for RMSNorm/rotary/SiLU it measured 0.942; with those ops' torch code (the
-    # engine's default on CPU, VllmEngineConfig.custom_ops) 0.967.
-    assert pooled.top1 >= 0.95
-    assert pooled.kl <= 0.01
-    assert first_equal >= 7
+        refs.append(judge.reference(ids, split))
+        cands.append(judge.after_injection(ids, split, state))
+        probes.append(judge.probe(ids, split))
+    verdict = judge_against_floor(refs, cands, probes)
+    # vLLM's KV equals the torch engine's to one f16 ulp (next test), and one ulp flips near-tied
+    # argmaxes through llama.cpp's 8-bit activations: judged against that floor, measured here.
+    print(f"vLLM KV injected: {verdict}")
+    assert not verdict.failures(), verdict.failures()
 
 
 @needs_torch
 @pytest.mark.parametrize("num_tokens", [19, 127, 300, 700])  # < 1 block, ~1 block, 3 blocks, chunked (> 512 per step)
 def test_vllm_kv_equals_torch_kv_to_f16_precision(vllm_lab, kv_sink, judge, torch_engine, model_info, num_tokens):
     from decode_cpu import kv_state
-    from homelab_disagg.quality import torch_state
+    from homelab_disagg.lab.quality import torch_state
     from homelab_disagg.workload import make_prompt
 
     ids = judge.model.tokenize(make_prompt(num_tokens + 40, start=3), add_special=True, parse_special=False)[:num_tokens]
@@ -154,7 +148,8 @@ def _generate(lab, prompt: str, max_tokens: int, started=None):
         rec = RequestRecord("", "disaggregated")
         try:
             req = GenerationRequest(prompt=prompt, sampling=Sampling(max_tokens=max_tokens), architecture="disaggregated")
-            return [ev.token_id async for ev in coord.generate(req, rec)], rec
+            events = [ev async for ev in coord.generate(req, rec)]
+            return [ev.token_id for ev in events], rec, "".join(ev.piece for ev in events)
         finally:
             await coord.close()
 
@@ -174,8 +169,8 @@ def _free_slots(lab) -> int:
 
 
 def test_disaggregated_request_through_the_vllm_worker(vllm_lab, model_info):
-    toks, rec = _generate(vllm_lab[1], "The capital of France is", 6)
-    assert len(toks) == 6 and "Paris" in rec.text
+    toks, rec, text = _generate(vllm_lab[1], "The capital of France is", 6)
+    assert len(toks) == 6 and "Paris" in text
     assert rec.prefill_worker == "prefill0" and rec.prefill_compute_ms > 0
     assert rec.kv_bytes_wire == (rec.prompt_tokens - 1) * model_info.kv_bytes_per_token_f16
 
@@ -206,11 +201,11 @@ def test_killed_vllm_worker_is_noticed_and_its_slot_freed(vllm_lab):
         threading.Timer(3.0, os.kill, (prefill.popen.pid, signal.SIGKILL)).start()
 
     t0 = time.monotonic()
-    toks, rec = _generate(lab, "The capital of France is", 6, started=stop_then_kill)
+    toks, rec, text = _generate(lab, "The capital of France is", 6, started=stop_then_kill)
     assert time.monotonic() - t0 < KV_TIMEOUT_S + 20
     assert prefill.popen.wait(10) == -signal.SIGKILL
     # noticed on the connection, not by a timeout: re-admitted and prefilled by llama.cpp itself
-    assert rec.prefill_worker == "local" and len(toks) == 6 and "Paris" in rec.text
+    assert rec.prefill_worker == "local" and len(toks) == 6 and "Paris" in text
     assert _free_slots(lab) == NUM_SLOTS
 
 

@@ -49,6 +49,14 @@ def test_registry_ids_are_unique_and_round_trip():
         codecs.codec_by_id(99)
 
 
+def test_sizes_per_element_are_the_block_formats_and_a_typical_figure_for_the_compressor():
+    sizes = {name: codecs.get_codec(name).bytes_per_elem for name in codecs.names()}
+    assert sizes == {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "kivi4": 20 / 32,
+                     "f16+bp-zstd": pytest.approx(2 / 1.17)}
+    assert {name: codecs.get_codec(name).default_cache_type for name in codecs.names()} == {
+        "f16": "f16", "q8_0": "q8_0", "q4_0": "q4_0", "kivi4": "f16", "f16+bp-zstd": "f16"}
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_bad_payloads_and_targets_are_named_errors(name):
     x = np.linspace(-3, 3, 4 * 64, dtype=F32).reshape(4, 64)

@@ -84,6 +84,18 @@ def test_wrong_version_says_what_to_do():
         frame.unpack_header(bytes(bad))
 
 
+def test_abort_frame_carries_its_request_and_reason_and_no_payload():
+    parts = frame.encode_abort(frame.abort_header(RID, FP, reason_code=3))
+    h, k, v = frame.decode_message(parts)
+    assert (h.kind, h.request_id, h.fingerprint, h.flags) == (frame.KIND_ABORT, RID, FP, 3)
+    assert (h.num_layers, h.num_tokens, bytes(k), bytes(v)) == (0, 0, b"", b"")
+
+
+def test_encode_abort_refuses_a_layer_header():
+    with pytest.raises(ValueError, match="abort_header"):
+        frame.encode_abort(header())
+
+
 def test_wrong_magic():
     with pytest.raises(frame.CorruptFrame, match="magic"):
         frame.unpack_header(b"XXXX" + bytes(64))

@@ -66,3 +66,15 @@ def test_numpy_q4_1_dequantizer_below_the_ggml_size():
     m = blocks[:, 2:4].copy().view("<f2").astype(np.float32)
     assert got[:, 0].tolist() == ((blocks[:, 4] & 15) * d[:, 0] + m[:, 0]).tolist()
     assert got[:, 16].tolist() == ((blocks[:, 4] >> 4) * d[:, 0] + m[:, 0]).tolist()
+
+
+def test_type_ids_are_llama_cpps():
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install .[decode]")
+    for t in ggml.GGML_TYPES.values():
+        assert t.type_id == getattr(llama_cpp, f"GGML_TYPE_{t.name.upper()}")
+
+
+def test_rows_are_whole_blocks():
+    assert [ggml.GGML_TYPES[t].row_bytes(64) for t in ("f16", "q4_0", "q4_1", "q8_0")] == [128, 36, 40, 68]
+    with pytest.raises(ValueError, match="multiple of 32"):
+        ggml.GGML_TYPES["q8_0"].row_bytes(48)

@@ -13,7 +13,7 @@ Three measurements, each side by side with its baseline in the same run:
    the decode worker (`kv_ready_excess_ms`);
 3. the time of one layer's transfer on that link, the bound the overlap is held to.
 
-Roles (`python -m benchmarks.wire kv-sink|kv-source|overlap-client ...`) run as processes in the
+Roles (`python -m homelab_disagg.lab.bench.wire kv-sink|kv-source|overlap-client ...`) run as processes in the
 namespaces; the monotonic clock is shared by every process on the machine, so start and end
 stamps from different processes subtract.
 """
@@ -31,7 +31,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from homelab_disagg.lab import linklab
+
 LAYER_BYTES = 1024 * 768 * 2  # K+V of one SmolLM2 layer for a 1024-token prompt, f16
 
 
@@ -164,20 +165,15 @@ ROLES = {"kv-sink": role_kv_sink, "kv-source": role_kv_source, "overlap-client":
 # --- the benchmark ----------------------------------------------------------------------------
 
 
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-            "PYTHONUNBUFFERED": "1"}
-
-
 def _spawn(lab, ns: str | None, argv: list[str]) -> subprocess.Popen:
     if lab is not None and ns is not None:
-        return lab.popen(ns, argv, env=_env(), stdout=subprocess.PIPE, text=True)
-    return subprocess.Popen(argv, env=_env(), stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+        return lab.popen(ns, argv, env=linklab.child_env(), stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen(argv, env=linklab.child_env(), stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
 
 
 def kv_goodput(lab, sink_ip: str, layer_bytes: int, num_layers: int, mode: str = "landed") -> float:
     """Bytes/s of our KV stream (a KV_MODES key) from the gpu side to the cpu side (or loopback when lab is None)."""
-    me = [sys.executable, "-m", "benchmarks.wire"]
+    me = [sys.executable, "-m", "homelab_disagg.lab.bench.wire"]
     sink = _spawn(lab, lab and lab.cpu_ns, me + ["kv-sink", sink_ip, str(num_layers), mode])
     port = json.loads(sink.stdout.readline())["port"]
     source = _spawn(lab, lab and lab.gpu_ns,
@@ -193,11 +189,10 @@ def kv_goodput(lab, sink_ip: str, layer_bytes: int, num_layers: int, mode: str =
 
 def socket_goodput(lab, sink_ip: str, nbytes: int) -> float:
     """Bytes/s of a plain TCP socket between the same two hosts (wire.linklab's sink/source roles)."""
-    from wire import linklab
 
     if lab is not None:
         return linklab.measure_socket_goodput(lab, nbytes)
-    ll = [sys.executable, "-m", "wire.linklab"]
+    ll = [sys.executable, "-m", "homelab_disagg.lab.linklab"]
     sink = _spawn(None, None, ll + ["sink", sink_ip, str(nbytes)])
     port = json.loads(sink.stdout.readline())["port"]
     source = _spawn(None, None, ll + ["source", sink_ip, str(port), str(nbytes)])
@@ -242,10 +237,10 @@ def overlap(lab, model_path: Path, prompt_tokens: int, repeats: int, workers: Ov
     ):
         log = log_dir / f"bench-wire-{name}.log"
         with open(log, "wb") as f:
-            popen = lab.popen(ns, argv, env=_env(), stdout=f, stderr=subprocess.STDOUT)
+            popen = lab.popen(ns, argv, env=linklab.child_env(), stdout=f, stderr=subprocess.STDOUT)
         procs.append(WorkerProcess(name, name, ctl, popen, log))
     try:
-        client_argv = [sys.executable, "-m", "benchmarks.wire", "overlap-client",
+        client_argv = [sys.executable, "-m", "homelab_disagg.lab.bench.wire", "overlap-client",
                        json.dumps({"prefill": pre_ctl, "decode": dec_ctl, "kv": dec_kv}), str(prompt_tokens), str(repeats)]
         deadline = time.monotonic() + 600
         while True:  # the workers are only reachable from inside the namespaces: the client retries
@@ -293,7 +288,7 @@ def overlap_figures(runs: dict, layer_transfer_ms: float) -> dict:
 
 def overlap_table(figures: dict):
     """One row per figure, one column per mode: the figures of `overlap_figures` side by side."""
-    from benchmarks.report import table
+    from homelab_disagg.lab.bench.report import table
 
     metrics = ("ttft_ms", "prefill_alone_ttft_ms", "ttft_excess_ms", "ttft_excess_paired_ms", "kv_ready_excess_ms",
                "prefill_compute_ms", "inject_ms", "first_step_ms")
@@ -306,8 +301,7 @@ def overlap_table(figures: dict):
 
 def run_bench(model_path: Path, loopback_mb: int, link_mb: int, prompt_tokens: int, repeats: int, csv_path,
               json_out: bool, console, workers: OverlapWorkers = OverlapWorkers(), overlap_requests: int = 15) -> dict:
-    from benchmarks.report import emit, table
-    from wire import linklab
+    from homelab_disagg.lab.bench.report import emit, table
 
     rows, summary = [], {}
     sock, kv, frames = side_by_side(None, "127.0.0.1", loopback_mb << 20, repeats, kv_modes=("landed", "frames"))

@@ -2,7 +2,7 @@
 
 import pytest
 
-from benchmarks.wire import KV_MODES, LAYER_BYTES, kv_goodput, side_by_side
+from homelab_disagg.lab.bench.wire import KV_MODES, LAYER_BYTES, kv_goodput, side_by_side
 
 
 @pytest.mark.parametrize("mode", list(KV_MODES))

@@ -48,7 +48,15 @@ PEAK_BUCKET_BYTES = 70_000  # tbf "mtu": the largest packet the peak bucket pass
 QUEUE_MS = 10.0  # tbf queue beyond the burst, in ms of traffic at the shaped rate
 CHUNK_BYTES = 4 * 1024 * 1024
 TCP_BUF_MAX_BYTES = 64 * 1024 * 1024  # tcp_rmem/tcp_wmem max inside lab namespaces (BDP room)
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout: children import the project from it
+
+
+def child_env(base: dict | None = None) -> dict:
+    """Environment for a child Python process of the lab: the checkout importable, output unbuffered."""
+    env = dict(base or os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
 
 
 @dataclass(frozen=True)
@@ -164,9 +172,8 @@ class Lab:
 
     def python(self, ns: str, role: str, *args: str, **kw) -> subprocess.Popen:
         """Start one of this module's helper roles inside ns (see `_ROLES`)."""
-        env = dict(kw.pop("env", None) or os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-        argv = [sys.executable, "-m", "wire.linklab", role, *args]
+        env = child_env(kw.pop("env", None))
+        argv = [sys.executable, "-m", "homelab_disagg.lab.linklab", role, *args]
         return self.popen(ns, argv, env=env, stdout=subprocess.PIPE, text=True, **kw)
 
     def close(self) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.wire import overlap_figures
+from homelab_disagg.lab.bench.wire import overlap_figures
 
 
 def _dis(ttft_ms, kv_wait_ms):
@@ -35,7 +35,7 @@ def test_overlap_excess_is_ttft_over_the_prefill_engines_own_ttft():
     # the human table: one row per figure, the modes side by side, the bound in the title
     from rich.console import Console
 
-    from benchmarks.wire import overlap_table
+    from homelab_disagg.lab.bench.wire import overlap_table
 
     console = Console(width=200, record=True)
     console.print(overlap_table(f))

@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from wire.linklab import (
+from homelab_disagg.lab.linklab import (
     PEAK_FACTOR,
     TIMER_HZ,
     LinkSpec,
@@ -67,7 +67,7 @@ def test_1gbit_link_gives_plain_socket_at_least_90_percent():
 def test_10gbit_link_is_shaped_not_capped_by_a_small_burst():
     # The bucket must cover one timer tick at the rate, or tbf caps a 10 Gbit link at ~1-2 Gbit; the
     # kernel's own view of the qdisc is checked, not a goodput (which depends on the CPU: ~0.96 x rate
-    # on a 16-core box, ~0.65 x on 2 cores; `python -m wire.linklab` and `bench wire` measure it).
+    # on a 16-core box, ~0.65 x on 2 cores; `python -m homelab_disagg.lab.linklab` and `bench wire` measure it).
     # What must hold on any box: never faster than the shaped rate.
     with link_lab(LinkSpec(10.0), name_prefix=_prefix()) as lab:
         shown = subprocess.run(["tc", "-n", lab.gpu_ns, "-d", "qdisc", "show", "dev", "veth-gpu"],

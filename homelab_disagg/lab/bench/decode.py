@@ -249,7 +249,7 @@ def run_bench(model_path: Path, threads: int, batch: int, slots: int, slot_ctx: 
               warmup: int, repeats: int, kv_type: str, csv_path, json_out: bool, console, omp_wait: str | None = None) -> dict:
     from rich.progress import Progress
 
-    from benchmarks.report import emit, table
+    from homelab_disagg.lab.bench.report import emit, table
 
     omp_wait = set_omp_wait(omp_wait)
 

@@ -26,7 +26,7 @@ import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from benchmarks.report import emit, table
+from homelab_disagg.lab.bench.report import emit, table
 from coordinator.records import percentile
 from homelab_disagg.errors import ConfigError, PeerError
 from homelab_disagg.workload import make_prompt

@@ -122,7 +122,7 @@ def measure(model_path: Path, num_prompts: int, repeats: int, progress=lambda: N
 
     from homelab_disagg.config import PrefillWorkerConfig
     from homelab_disagg.model import read_model_info
-    from homelab_disagg.quality import (LlamaJudge, codec_state, compare, float_weights_model, nudge_keys, pool,
+    from homelab_disagg.lab.quality import (LlamaJudge, codec_state, compare, float_weights_model, nudge_keys, pool,
                                         torch_layer_rows)
     from prefill_gpu.engine import TorchPrefillEngine
     from wire import native, transport
@@ -224,7 +224,7 @@ def run_bench(model_path: Path, num_prompts: int, repeats: int, csv_path, json_o
               speed_tokens: int = 0) -> dict:
     from rich.progress import Progress
 
-    from benchmarks.report import emit, table
+    from homelab_disagg.lab.bench.report import emit, table
 
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("codecs: prefill, encode, decode, inject, compare", total=num_prompts + len(CONFIGS))
