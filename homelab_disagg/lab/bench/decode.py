@@ -118,9 +118,10 @@ class EngineRun:
         from wire.messages import Sampling
 
         self.engine = engine
-        endless = Sampling(max_tokens=1 << 30, ignore_eos=True)
         self.seqs = []
         for i, (ids, st) in enumerate(zip(prompts, states)):
+            # as many tokens as the slot holds: the timed steps end long before (the engine refuses more)
+            endless = Sampling(max_tokens=engine.ctx.n_ctx_seq - len(ids) - 1, ignore_eos=True)
             seq = engine.admit(f"bench-{i}".encode(), ids, endless, local_prefill=False)
             now = time.perf_counter()
             engine.kv_landed(seq, bytearray(st), now, now)
