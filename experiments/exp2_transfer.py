@@ -32,9 +32,10 @@ from pathlib import Path
 
 from experiments import common
 from homelab_disagg.lab import linklab
+from wire.codecs import get_codec
 
 CODECS = ("f16", "q8_0", "q4_0", "kivi4")
-CACHE = {"f16": "f16", "q8_0": "q8_0", "q4_0": "q4_0", "kivi4": "f16"}
+CACHE = {c: get_codec(c).default_cache_type for c in CODECS}  # the decode worker's cache each lands in
 FULL_PROMPTS, QUICK_PROMPTS = "128,512,1024,2048,4096", "128,1024,4096"
 GOODPUT_BYTES_PER_GBIT = 24 << 20  # bytes per Gbit of rate per goodput measurement
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from homelab_disagg.errors import ConfigError
 from homelab_disagg.plan import N_BATCH, Calibration, ModelProfile, Poly
+from wire import codecs
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -113,7 +114,7 @@ def _codec_speeds(results_dir: Path, enc_f16_ms_per_mb: float) -> tuple[dict, di
         return encode, convert
     speed = {r["codec"]: r for r in read_csv(path) if r.get("encode_gbps")}
     base = speed.get("f16")
-    for codec in ("f16", "q8_0", "q4_0", "kivi4"):
+    for codec in codecs.names():  # those exp3 measured; a codec it did not keeps f16's costs in the plan
         if codec in speed and base:
             encode[codec] = enc_f16_ms_per_mb + max(0.0, 1 / speed[codec]["encode_gbps"] - 1 / base["encode_gbps"])
             convert[codec] = 1 / speed[codec]["decode_gbps"]  # 1 GB/s = 1 MB/ms

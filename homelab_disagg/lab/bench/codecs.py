@@ -35,8 +35,7 @@ def config_name(codec: str, cache_type: str) -> str:
     """The codec's name when it goes into its own cache type (f16 for kivi4), else codec@cache."""
     from wire.codecs import get_codec
 
-    native = get_codec(codec).native_cache_type or "f16"
-    return codec if cache_type == native else f"{codec}@{cache_type}"
+    return codec if cache_type == get_codec(codec).default_cache_type else f"{codec}@{cache_type}"
 
 
 def quality_texts(model, num_prompts: int) -> list[tuple[list[int], int]]:
