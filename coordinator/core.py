@@ -31,6 +31,7 @@ import msgspec
 import zmq.asyncio
 
 from coordinator.links import WorkerLink, WorkerLost
+from coordinator.prefix_routing import PrefixDirectory, route_score
 from coordinator.records import RequestRecord
 from homelab_disagg.config import LabConfig
 from homelab_disagg.errors import CapacityError, PeerError, RequestError, error_for_code
@@ -38,6 +39,7 @@ from wire.messages import (
     Admit, Admitted, Cancel, Detokenize, Detokenized, Failed, Finished, FirstToken, Generate, GenerateDone, Prefill,
     PrefillDone, Refused, Sampling, Tokenize, Tokenized,
 )
+from wire.prefix_blocks import BLOCK_TOKENS, block_hashes
 
 log = logging.getLogger("coordinator")
 
@@ -59,15 +61,18 @@ class TokenEvent:
 
 @dataclass(frozen=True)
 class HealthPolicy:
-    """How a dead worker is noticed. A killed process at once: its TCP connection closes. A hung
-    or unplugged one when it has sent nothing at all (no token for any request, no pong) for
-    `dead_after_s` and misses pings. A merely slow one is left alone: llama.cpp's spinning threads
-    on an oversubscribed box (2 cores, other jobs) were measured silent for 11 s in one step."""
+    """How a dead or hung worker is noticed (a heartbeat with a circuit breaker). A killed process at
+    once: its TCP connection closes. A hung or stopped one (SIGSTOP, a wedged driver) when it misses
+    `max_missed_pings` pings in a row and has sent nothing at all for `dead_after_s`: going down fails
+    its calls and streams at once (requests move on, e.g. prefill on the decode worker) and takes it out
+    of routing until a ping is answered again. A busy worker is not mistaken for a hung one: workers
+    answer pings from a thread of their own during a forward pass or a decode step
+    (transport.ControlInbox.busy), in milliseconds even on an oversubscribed 2-core box."""
 
-    ping_interval_s: float = 1.0
-    ping_timeout_s: float = 3.0
-    max_missed_pings: int = 3  # consecutive, with dead_after_s of silence, before a worker leaves the rotation
-    dead_after_s: float = 30.0
+    ping_interval_s: float = 0.5
+    ping_timeout_s: float = 1.5
+    max_missed_pings: int = 2  # consecutive, with dead_after_s of silence, before a worker leaves the rotation
+    dead_after_s: float = 3.0  # also: a stream waiting this long on a silent decode worker pings it
     stream_stall_s: float = 2.0  # a stream this quiet checks whether its decode worker still talks
     admit_timeout_s: float = 30.0
 
@@ -79,6 +84,7 @@ class _Progress:
     prompt_ids: list | None = None  # as first admitted
     generated: list = field(default_factory=list)
     num_failovers: int = 0
+    prompt_hashes: list = field(default_factory=list)  # block hashes for prefix-aware routing ([]: none)
 
 
 class Coordinator:
@@ -86,10 +92,12 @@ class Coordinator:
         self.lab = lab
         self.health = health or HealthPolicy()
         self.zctx = zmq.asyncio.Context()
-        self.prefill = [WorkerLink(self.zctx, e.name, "prefill", e.control_addr) for e in lab.prefill]
-        self.decode = [WorkerLink(self.zctx, e.name, "decode", e.control_addr) for e in lab.decode]
+        keys = lab.coordinator_keys()  # None: plain TCP
+        self.prefill = [WorkerLink(self.zctx, e.name, "prefill", e.control_addr, keys) for e in lab.prefill]
+        self.decode = [WorkerLink(self.zctx, e.name, "decode", e.control_addr, keys) for e in lab.decode]
         self.kv_addr = {e.name: e.kv_addr for e in lab.decode}
         self._rr = itertools.count()
+        self.prefixes = PrefixDirectory()  # what each decode worker's KV pool holds, as far as we know
         self._watcher: asyncio.Task | None = None
         self.num_failovers = 0
 
@@ -109,8 +117,9 @@ class Coordinator:
                 link.down_reason = "did not answer at start"
                 if require_all:
                     raise PeerError(
-                        f"{link.role} worker {link.name} at {link.addr} is not reachable; start it "
-                        f"(`homelab-disagg {link.role}-worker`) or fix the address in the lab config"
+                        f"{link.role} worker {link.name} at {link.addr} is not reachable; "
+                        + (link.handshake_error or f"start it (`homelab-disagg {link.role}-worker`) or fix the "
+                                                   "address in the lab config")
                     )
         if not require_all and not any(l.healthy for l in self.decode):
             raise PeerError("no decode worker is reachable; start one with `homelab-disagg decode-worker` "
@@ -149,21 +158,40 @@ class Coordinator:
             await link.ping(self.health.ping_timeout_s)
         except PeerError:
             link.missed_pings += 1
-            # a prefill worker answers pings only between requests; its calls have their own timeouts
-            busy = link.role == "prefill" and link.inflight > 0
             silent_s = time.time() - link.last_seen_s
-            if (link.healthy and not busy and link.missed_pings >= self.health.max_missed_pings
+            if (link.healthy and link.missed_pings >= self.health.max_missed_pings
                     and silent_s >= self.health.dead_after_s):
                 link.mark_down(f"{link.missed_pings} pings unanswered, silent for {silent_s:.0f} s")
 
     # --- routing -------------------------------------------------------------------------
 
-    def pick_decode(self, exclude: set[str] = frozenset()) -> WorkerLink:
+    def pick_decode(self, exclude: set[str] = frozenset(), prompt_hashes: list[int] = ()) -> WorkerLink:
         live = [l for l in self.decode if l.healthy and l.name not in exclude]
         if not live:
             raise PeerError("no decode worker is available; start one with `homelab-disagg decode-worker`")
+
+        def num_slots(l: WorkerLink) -> int:
+            return l.last_pong.num_slots if l.last_pong else 1
+
+        if prompt_hashes:  # the longest pooled prefix, weighed against load (coordinator/prefix_routing.py)
+            prompt_tokens = len(prompt_hashes) * BLOCK_TOKENS
+            return max(live, key=lambda l: (
+                route_score(self.prefixes.held_tokens(l.name, l.last_pong, prompt_hashes), prompt_tokens,
+                            l.inflight, num_slots(l)), num_slots(l) - l.inflight))
         # most free slots first (slots as of the last ping, minus what is routed there now), then least load
-        return max(live, key=lambda l: ((l.last_pong.num_slots if l.last_pong else 1) - l.inflight, -l.inflight))
+        return max(live, key=lambda l: (num_slots(l) - l.inflight, -l.inflight))
+
+    async def _prefix_hashes(self, req: "GenerationRequest") -> list[int]:
+        """The prompt's block hashes, when there is a choice to make by them: two or more decode workers
+        and one keeps a KV pool. Tokenizes text prompts on a decode worker (one round trip)."""
+        live = [l for l in self.decode if l.healthy]
+        if len(live) < 2 or not any(self.prefixes.has_pool(l.name, l.last_pong) for l in live):
+            return []
+        try:
+            ids = list(req.token_ids) if req.token_ids else await self.tokenize(req.prompt, req.messages)
+        except (PeerError, RequestError):  # admission answers for a bad prompt or a lost worker, as without routing
+            return []
+        return block_hashes(ids)
 
     def pick_prefill(self, exclude: set[str] = frozenset()) -> WorkerLink:
         live = [l for l in self.prefill if l.healthy and l.name not in exclude]
@@ -229,6 +257,7 @@ class Coordinator:
         rec.start()
         prog = _Progress()
         refused: set[str] = set()  # decode workers that are full or gone, for this request
+        prog.prompt_hashes = await self._prefix_hashes(req) if prefer is None else []
         for _ in range(2 * len(self.links) + 2):
             if prog.generated and len(prog.generated) >= req.sampling.max_tokens:
                 rec.on_length_reached(len(prog.generated))  # lost after the last token
@@ -262,7 +291,7 @@ class Coordinator:
 
     def _decode_for(self, refused: set[str], prog: _Progress) -> WorkerLink:
         try:
-            return self.pick_decode(exclude=refused)
+            return self.pick_decode(exclude=refused, prompt_hashes=prog.prompt_hashes)
         except PeerError:
             if not prog.generated and not refused:
                 raise
@@ -288,6 +317,8 @@ class Coordinator:
             prefill = self._start_prefill(pre, dec, admit, admitted, rec)
             async for ev in self._stream(dec, stream, prefill, rec, prog):
                 yield ev
+            if self.prefixes.has_pool(dec.name, dec.last_pong):  # its pool holds this sequence now
+                self.prefixes.note_finished(dec.name, prog.prompt_ids + prog.generated[:-1])
             await self._finish(prefill, rec)
         except BaseException:
             self._abandon(dec, admit.request_id, prefill)
@@ -326,8 +357,9 @@ class Coordinator:
                        rec: RequestRecord) -> asyncio.Task | None:
         """The admitted prompt's KV computed on `pre` and pushed to `dec`: every prompt token's when
         the prefill worker samples the first output token, else all but the last (the decode worker's
-        first step feeds it). None when the decode worker prefills (a one-token prompt, no `pre`)."""
-        if pre is None or len(admitted.token_ids) <= 1:
+        first step feeds it). None when the decode worker prefills (a one-token prompt, no `pre`, or its
+        KV pool holds a prefix and it prefills the rest: Admitted.kv_source "local")."""
+        if pre is None or len(admitted.token_ids) <= 1 or admitted.kv_source == "local":
             return None
         sample_first = admit.first_token_from_prefill
         kv_ids = admitted.token_ids if sample_first else admitted.token_ids[:-1]

@@ -24,11 +24,15 @@ from zmq.utils.monitor import parse_monitor_message
 
 from homelab_disagg.errors import PeerError
 from wire import messages
+from wire.curve import CurveKeys
 from wire.messages import (
     Admitted, Detokenized, Failed, Finished, FirstToken, GenerateDone, Pong, PrefillDone, Refused, Tokenized, Tokens,
 )
+from wire.transport import ThrottledWarning
 
 log = logging.getLogger("coordinator")
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 PING_KEY = b"__ping__"
 SEND_RETRY_S = 0.05  # a link whose TCP connection is not up yet is retried this often
@@ -43,16 +47,20 @@ class WorkerLost(PeerError):
 
 
 class WorkerLink:
-    def __init__(self, zctx: zmq.asyncio.Context, name: str, role: str, control_addr: str):
+    def __init__(self, zctx: zmq.asyncio.Context, name: str, role: str, control_addr: str,
+                 curve: CurveKeys | None = None):
         self.name, self.role, self.addr = name, role, control_addr
         self.sock = zctx.socket(zmq.DEALER)
+        if curve is not None:  # a CURVE client of the worker (lab [security] curve_keys)
+            curve.apply_client(self.sock)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing towards a worker that is not connected
         # a stable identity: after a reconnect the worker's replies still find this link
         self.sock.setsockopt(zmq.ROUTING_ID, b"coord-" + os.urandom(8))
         self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
         self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        self._monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self._monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | _HANDSHAKE_FAILED)
+        self.handshake_error = ""  # why the worker refused this link's last handshake (CURVE keys), if it did
         self.sock.connect(control_addr)
         self._futures: dict[bytes, asyncio.Future] = {}
         self._streams: dict[bytes, asyncio.Queue] = {}
@@ -65,6 +73,7 @@ class WorkerLink:
         self.down_reason = "not pinged yet"
         self.missed_pings = 0
         self.inflight = 0  # requests routed here and not finished: the router's load signal
+        self._warn_undecodable = ThrottledWarning(log)
 
     def start(self) -> None:
         if not self._tasks:
@@ -151,7 +160,10 @@ class WorkerLink:
                 self.connected = False
                 self.mark_down("connection closed")
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.connected = True  # healthy again only once a ping is answered
+                self.connected, self.handshake_error = True, ""  # healthy again only once a ping is answered
+            elif event & _HANDSHAKE_FAILED:
+                self.handshake_error = ("the worker refused the ZeroMQ handshake: the lab's [security] curve_keys "
+                                        "and the worker's --curve-keys must come from one `homelab-disagg keys generate`")
 
     # --- streams and replies ------------------------------------------------------------
 
@@ -168,7 +180,9 @@ class WorkerLink:
             raw = await self.sock.recv()
             try:
                 msg = messages.decode(raw)
-            except messages.MessageError:
+            except messages.MessageError as e:  # a worker of another version, or not a worker at all
+                self._warn_undecodable("%s worker %s at %s sent a message this coordinator cannot read: %s",
+                                       self.role, self.name, self.addr, e)
                 continue
             self.last_seen_s = time.time()
             self._dispatch(msg)

@@ -47,6 +47,12 @@ class ServeMetrics:
                                 registry=r)
         self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens_total", "Prompt tokens of finished requests.",
                                      ["architecture"], registry=r)
+        self.cached_tokens = Counter(f"{PREFIX}_prompt_tokens_cached_total",
+                                     "Prompt tokens whose KV came from a decode worker's pool (not prefilled).",
+                                     ["architecture"], registry=r)
+        self.placements = Counter(f"{PREFIX}_prefill_placements_total",
+                                  "Finished requests by the worker that prefilled their uncached prompt tokens.",
+                                  ["placement"], registry=r)
         self.generation_tokens = Counter(f"{PREFIX}_generation_tokens_total", "Generated tokens.", ["architecture"],
                                          registry=r)
         self.kv_bytes = Counter(f"{PREFIX}_kv_bytes_total",
@@ -61,6 +67,9 @@ class ServeMetrics:
         arch = rec.architecture
         self.requests.labels(arch, outcome).inc()
         self.prompt_tokens.labels(arch).inc(rec.prompt_tokens)
+        self.cached_tokens.labels(arch).inc(rec.cached_tokens)
+        if rec.placement:
+            self.placements.labels(rec.placement).inc()
         self.generation_tokens.labels(arch).inc(rec.output_tokens)
         if rec.kv_bytes_wire or rec.kv_bytes_raw:
             self.kv_bytes.labels("raw").inc(rec.kv_bytes_raw)
@@ -109,6 +118,17 @@ class _WorkerCollector:
         slots = gauge("worker_slots", "Decode sequence slots.")
         queued = gauge("worker_queued_requests", "Requests admitted and waiting for a slot, last ping.")
         inflight = gauge("worker_inflight_requests", "Requests this coordinator has routed to the worker now.")
+        pool_bytes = gauge("kv_pool_bytes", "Bytes of KV held in the decode worker's pool, last ping.")
+        pool_budget = gauge("kv_pool_budget_bytes", "The decode worker's pool budget (0: no pool).")
+        pool_entries = gauge("kv_pool_entries", "Sequences whose KV the decode worker's pool holds, last ping.")
+
+        def counter(name: str, help: str) -> CounterMetricFamily:
+            return CounterMetricFamily(f"{PREFIX}_{name}", help, labels=["role", "worker"])
+
+        evictions = counter("kv_pool_evictions", "Pool entries evicted to stay within the budget.")
+        dropped = counter("kv_pool_dropped", "Pool entries dropped because they failed their check.")
+        hit_tokens = counter("kv_pool_hit_tokens", "Prompt tokens restored from the pool (hit tokens / lookup tokens).")
+        lookup_tokens = counter("kv_pool_lookup_tokens", "Prompt tokens looked up in the pool.")
         for link in self.links():
             labels, pong = [link.role, link.name], link.last_pong
             up.add_metric(labels, 1 if link.healthy else 0)
@@ -121,4 +141,13 @@ class _WorkerCollector:
                 free.add_metric(labels, pong.free_slots)
                 slots.add_metric(labels, pong.num_slots)
                 queued.add_metric(labels, pong.queued)
-        yield from (up, cpu, rss, free, slots, queued, inflight)
+                p = pong.pool
+                pool_bytes.add_metric(labels, p.num_bytes)
+                pool_budget.add_metric(labels, p.budget_bytes)
+                pool_entries.add_metric(labels, p.num_entries)
+                evictions.add_metric(labels, p.num_evictions)
+                dropped.add_metric(labels, p.num_dropped)
+                hit_tokens.add_metric(labels, p.hit_tokens)
+                lookup_tokens.add_metric(labels, p.lookup_tokens)
+        yield from (up, cpu, rss, free, slots, queued, inflight, pool_bytes, pool_budget, pool_entries, evictions,
+                    dropped, hit_tokens, lookup_tokens)

@@ -55,6 +55,10 @@ class RequestRecord:
     first_step_ms: float = 0.0
     kv_bytes_raw: int = 0
     kv_bytes_wire: int = 0
+    # prefix reuse: leading prompt tokens whose KV the decode worker's pool held (never prefilled), and
+    # which worker prefilled the rest: "prefill_worker" (its KV shipped) or "decode_worker" (llama.cpp there)
+    cached_tokens: int = 0
+    placement: str = ""
     finish_reason: str = ""
     error: str = ""
     prefill_worker: str = ""
@@ -94,10 +98,11 @@ class RequestRecord:
         self.admit_ms = (time.perf_counter() - self._t_admit_s) * 1e3
         if isinstance(reply, Admitted):
             self.prompt_tokens, self._is_admitted = len(reply.token_ids), True
+            self.cached_tokens, self.placement = reply.cached_tokens, "decode_worker"  # until a Prefill goes out
 
     def on_prefill(self, prefill_worker: str) -> None:
         """A Prefill goes out to `prefill_worker`, its KV to the decode worker."""
-        self.prefill_worker = prefill_worker
+        self.prefill_worker, self.placement = prefill_worker, "prefill_worker"
 
     def on_token(self) -> None:
         now = time.perf_counter()
@@ -118,6 +123,7 @@ class RequestRecord:
         self.kv_recv_ms = t.kv_recv_ms
         self.kv_wait_ms = t.kv_wait_ms
         self.kv_bytes_wire += t.kv_bytes_wire
+        self.cached_tokens = min(self.cached_tokens, msg.num_cached_tokens)  # 0 when the pooled KV was refused
         self.e2e_ms = (time.perf_counter() - self._t_start_s) * 1e3
         self.tpot_ms = (self.e2e_ms - self.ttft_ms) / (num_output_tokens - 1) if num_output_tokens > 1 else 0.0
 
@@ -141,6 +147,7 @@ class RequestRecord:
 
     def on_generate(self, msg: Generate, prefill_worker: str) -> None:
         self.request_id, self.prefill_worker, self.prompt_tokens = msg.request_id.hex(), prefill_worker, len(msg.token_ids)
+        self.placement = "prefill_worker"
         self._t_start_s = time.perf_counter()
 
     def on_generate_done(self, msg: GenerateDone, max_tokens: int) -> None:

@@ -5,6 +5,8 @@
         -> Coordinator.generate -> first token (admission errors still become 400/503)
         -> JSON, or SSE `data: {...}` chunks -> record: metrics, --records file
     GET /v1/models, /health, /status (workers, slots), /metrics (Prometheus text)
+    With an API key (serve --api-key, HOMELAB_DISAGG_API_KEY, the lab's api_key), every path but /health
+    (and /metrics, unless metrics_require_key) answers 401 without `Authorization: Bearer KEY`.
 
 A client that goes away mid-stream cancels its request: the decode worker gets a Cancel and frees
 the slot. Everything runs on one asyncio loop with the coordinator; no engine is imported.
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import hashlib
+import hmac
 import json
 import logging
 import time
@@ -46,6 +50,8 @@ class ServeOptions:
     served_model_name: str | None = None  # None: the GGUF's name as the workers report it
     records_path: Path | None = None  # JSON lines, or CSV when the name ends in .csv
     log_level: str = "warning"
+    api_key: str | None = field(default=None, repr=False)  # Bearer token every endpoint but /health needs
+    metrics_require_key: bool = False  # /metrics too
 
 
 def api_error_from(e: Exception, prompt_param: str = "prompt") -> ApiError:
@@ -89,7 +95,8 @@ class Exchange:
     def usage(self) -> dict:
         r = self.rec
         return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.output_tokens,
-                "total_tokens": r.prompt_tokens + r.output_tokens}
+                "total_tokens": r.prompt_tokens + r.output_tokens,
+                "prompt_tokens_details": {"cached_tokens": r.cached_tokens}}  # KV from the decode worker's pool
 
     def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False) -> dict:
         if self.chat:
@@ -134,6 +141,9 @@ class Server:
     def _build(self) -> FastAPI:
         app = FastAPI(title="homelab-disagg", docs_url=None, redoc_url=None)
         app.add_middleware(_JsonWhateverTheContentType)
+        if self.opts.api_key is not None:  # added last: outermost, a request without the key reads no body
+            open_paths = {"/health"} | (set() if self.opts.metrics_require_key else {"/metrics"})
+            app.add_middleware(_BearerToken, api_key=self.opts.api_key, open_paths=frozenset(open_paths))
 
         @app.exception_handler(ApiError)
         async def _api_error(_req, e: ApiError):
@@ -163,9 +173,10 @@ class Server:
 
         @app.get("/health")
         async def health():
-            ok, why = self.can_serve()
-            return JSONResponse({"status": "ok" if ok else "unavailable", "detail": why},
-                                status_code=200 if ok else 503, headers=None if ok else {"Retry-After": str(RETRY_AFTER_S)})
+            body = self.health()
+            ok = body["status"] != "unavailable"
+            return JSONResponse(body, status_code=200 if ok else 503,
+                                headers=None if ok else {"Retry-After": str(RETRY_AFTER_S)})
 
         @app.get("/status")
         async def status():
@@ -177,15 +188,25 @@ class Server:
 
         return app
 
-    def can_serve(self) -> tuple[bool, str]:
-        arch = self.coord.lab.architecture
-        dec = any(l.healthy for l in self.coord.decode)
-        pre = any(l.healthy for l in self.coord.prefill)
+    def health(self) -> dict:
+        """What /health answers, from the workers' heartbeats: "ok" (every worker up), "degraded" (a
+        worker is down and every request still has a route: the decode workers prefill themselves, or
+        another decode worker takes them) or "unavailable" (some request has no route: HTTP 503).
+        `down` names each worker out of rotation and why."""
+        arch, coord = self.coord.lab.architecture, self.coord
+        down = [{"name": l.name, "role": l.role, "reason": l.down_reason} for l in coord.links if not l.healthy]
+        dec = any(l.healthy for l in coord.decode)
+        pre = any(l.healthy for l in coord.prefill)
         if arch == "colocated-gpu" and not (pre and dec):
-            return False, "colocated-gpu needs a prefill worker (engine) and a decode worker (tokenizer)"
-        if arch != "colocated-gpu" and not dec:
-            return False, "no decode worker is reachable"
-        return True, ""
+            status, detail = "unavailable", "colocated-gpu needs a prefill worker (engine) and a decode worker (tokenizer)"
+        elif not dec:
+            status, detail = "unavailable", "no decode worker is reachable"
+        elif down:
+            routes = "the decode workers prefill requests themselves" if coord.prefill and not pre else "the others serve"
+            status, detail = "degraded", f"{', '.join(d['name'] for d in down)} out of rotation; {routes}"
+        else:
+            status, detail = "ok", ""
+        return {"status": status, "detail": detail, "down": down}
 
     def status(self) -> dict:
         workers = []
@@ -291,6 +312,33 @@ class _JsonWhateverTheContentType:
             headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
             scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
         await self.app(scope, receive, send)
+
+
+class _BearerToken:
+    """`Authorization: Bearer KEY` on every path but `open_paths`, as vLLM's --api-key: anything else is a 401
+    with OpenAI's error body. Compared in constant time (digests of equal length), so the answer's timing
+    says nothing about how much of a guess was right."""
+
+    def __init__(self, app, api_key: str, open_paths: frozenset[str]):
+        self.app, self.open_paths = app, open_paths
+        self._digest = hashlib.sha256(api_key.encode()).digest()
+
+    def allows(self, authorization: bytes | None) -> bool:
+        scheme, _, token = (authorization or b"").partition(b" ")
+        digest = hashlib.sha256(token.strip()).digest()
+        return hmac.compare_digest(digest, self._digest) and scheme.lower() == b"bearer"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in self.open_paths:
+            return await self.app(scope, receive, send)
+        authorization = next((v for k, v in scope["headers"] if k == b"authorization"), None)
+        if self.allows(authorization):
+            return await self.app(scope, receive, send)
+        why = ("this server needs an API key: send `Authorization: Bearer KEY`" if authorization is None
+               else "the API key is not valid")
+        response = JSONResponse(ApiError(401, why, None, "invalid_api_key").body(), status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)
 
 
 class RecordSink:

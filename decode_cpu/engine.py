@@ -11,6 +11,10 @@ Unless the request was admitted with its first token from the prefill worker (gr
 `first_token_from_prefill`): then the KV covers every prompt token, the token arrives on its own
 (`accept_first_token`, streamed at once, usually before the KV's last layer), and the first step
 decodes from it. The sequence runs once it has both.
+With a KV pool (kv_pool.py, `kv_pool_bytes`), a finished sequence's cells are copied out before its
+slot is freed, and a request whose prompt starts with a pooled prefix is admitted to prefill here:
+its slot gets the pooled cells (trimmed to the shared prefix) and llama.cpp prefills only the rest,
+so the coordinator sends no Prefill (Admitted.kv_source "local", Admitted.cached_tokens).
 Greedy rows are an argmax over llama.cpp's logits (what its greedy sampler does, without building
 a candidate array per row); other rows go through a llama.cpp sampler chain of their own.
 Rows go in slot order and held slots stay a prefix 0..n-1 (slots.py), because llama.cpp (one KV
@@ -26,11 +30,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from decode_cpu import kv_assembler, llama
+from decode_cpu import kv_assembler, llama, numa
 from decode_cpu.kv_assembler import Geometry
+from decode_cpu.kv_pool import Hit, KVPool, auto_budget_bytes
 from decode_cpu.kv_state import StateLayout, StateLayoutError, parse_state
 from decode_cpu.slots import SlotTable
-from homelab_disagg.config import DecodeWorkerConfig
+from homelab_disagg.config import KV_POOL_AUTO, DecodeWorkerConfig
 from homelab_disagg.errors import PromptTooLong, RequestError
 from homelab_disagg.model import ModelInfo
 from wire import frame
@@ -103,6 +108,12 @@ class Sequence:
     out: OutputText = field(default_factory=OutputText)
     assembly: kv_assembler.Assembly | None = None  # the KV layers landed so far, while WAIT_KV
     state_buf: bytearray | None = None  # the whole KV state, from its last layer until injected
+    pool_hit: Hit | None = None  # pooled KV of a prompt prefix, from admission until restored into the slot
+    num_cached: int = 0  # leading prompt tokens whose KV came from the pool (not prefilled)
+    # after a restore the rest's first token goes alone: a multi-token chunk right after
+    # llama_state_seq_set_data gave other logits (the first output token off) in a fresh context;
+    # one token first did not (docs/decisions.md, "Conversations": not the whole story yet)
+    is_restored: bool = False
     t_admit_s: float = field(default_factory=time.perf_counter)
     timings: dict = field(default_factory=dict)
 
@@ -148,6 +159,9 @@ class DecodeEngine:
             info.fingerprint, info.num_layers, info.kv_row_elems, cfg.kv_cache_type, self.ctx.n_stream, info.head_dim
         )
         self.num_finished = 0
+        budget = cfg.kv_pool_bytes if cfg.kv_pool_bytes != KV_POOL_AUTO else auto_budget_bytes(
+            numa.node_memory_bytes(cfg.numa_node))
+        self.pool = KVPool(budget) if budget > 0 else None
 
     # --- admission ------------------------------------------------------------------------
 
@@ -210,13 +224,30 @@ class DecodeEngine:
         if first_from_prefill and sampling.temperature > 0:
             raise RequestError("only a greedy request (temperature 0) may take its first token from the prefill worker")
         seq = Sequence(request_id, prompt_ids, sampling, WAIT_KV, owner, out=OutputText(sampling.stop))
+        seq.pool_hit = self._pool_hit(prompt_ids, local_prefill)
         self.seqs[request_id] = seq
-        if local_prefill or len(prompt_ids) == 1:
-            seq.state = PREFILL
+        if local_prefill or len(prompt_ids) == 1 or seq.pool_hit is not None:
+            seq.state = PREFILL  # with a pool hit: the prefix is restored, llama.cpp prefills the rest here
+            seq.num_cached = seq.pool_hit.num_tokens if seq.pool_hit is not None else 0
             self._ready.append(request_id)
         else:
             seq.first_from_prefill = first_from_prefill
         return seq
+
+    def _pool_hit(self, prompt_ids: list[int], local_prefill: bool) -> Hit | None:
+        """The pooled prefix this request starts from, or None: no pool, no entry, a rest too long to
+        prefill here when a prefill worker would compute the whole prompt, or an entry that fails its
+        check (dropped; the request is prefilled in full)."""
+        if self.pool is None or len(prompt_ids) < 2:
+            return None
+        hit = self.pool.lookup(prompt_ids, len(prompt_ids) - 1)  # the last token is decoded, never restored
+        if hit is None or (not local_prefill and len(prompt_ids) - hit.num_tokens > self.cfg.kv_pool_max_local_rest):
+            return None
+        if not self.pool.check(hit.entry):
+            self.pool.drop(hit.entry)
+            return None
+        self.pool.count_hit(hit)
+        return hit
 
     # --- waiting for KV: a sequence in WAIT_KV holds its partial assembly; release drops both ---
 
@@ -310,6 +341,8 @@ class DecodeEngine:
                 seq.sampler = llama.Sampler(s.temperature, s.top_k, s.top_p, s.seed)
             seq.timings["queue_ms"] = (time.perf_counter() - seq.t_admit_s) * 1e3 - seq.timings.get("kv_wait_ms", 0.0)
             if seq.state == PREFILL:
+                if seq.pool_hit is not None:
+                    self._restore_prefix(seq)
                 self.prefilling[seq.slot] = seq
                 continue
             try:
@@ -318,6 +351,31 @@ class DecodeEngine:
                 failed.append((seq, e))
                 self.release(seq)
         return failed
+
+    def _restore_prefix(self, seq: Sequence) -> None:
+        """Copy the pooled entry's cells into the sequence's slot and keep the shared prefix; the
+        prompt's rest is prefilled from there. A state llama.cpp refuses drops the entry, and the
+        sequence prefills its whole prompt."""
+        hit, seq.pool_hit = seq.pool_hit, None
+        t0 = time.perf_counter()
+        n = hit.num_tokens
+        if (self.ctx.set_seq_state(seq.slot, hit.entry.state) == 0 or not self.ctx.seq_trim(seq.slot, n)
+                or self.ctx.seq_pos_max(seq.slot) != n - 1):
+            self.ctx.seq_rm(seq.slot)
+            self.pool.drop(hit.entry)
+            n = 0
+        seq.n_past = seq.num_cached = n
+        seq.is_restored = n > 0
+        seq.timings["pool_restore_ms"] = (time.perf_counter() - t0) * 1e3
+
+    def _pool_put(self, seq: Sequence) -> None:
+        """Keep a finished sequence's KV: its cells hold the prompt and every output token but the last."""
+        n = seq.n_past
+        if n < self.pool.min_tokens or self.ctx.seq_pos_max(seq.slot) != n - 1:
+            return
+        t0 = time.perf_counter()
+        self.pool.put((seq.prompt_ids + seq.output_ids)[:n], self.ctx.copy_seq_state(seq.slot))
+        seq.timings["pool_store_ms"] = (time.perf_counter() - t0) * 1e3
 
     def _inject(self, seq: Sequence) -> None:
         t0 = time.perf_counter()
@@ -418,7 +476,8 @@ class DecodeEngine:
                 continue
             s = self.prefilling[slot]
             todo = len(s.prompt_ids) - s.n_past
-            k = min(todo, budget)
+            k = min(todo, budget, 1 if s.is_restored else budget)
+            s.is_restored = False
             if k <= 0:
                 continue
             b.token[n : n + k] = s.prompt_ids[s.n_past : s.n_past + k]
@@ -451,7 +510,7 @@ class DecodeEngine:
         outputs = [self._advance(s, tok, step_ms) for s, tok in zip(emitting, tokens)]
         for o in outputs:
             if o.finish_reason is not None:
-                self.release(o.seq)  # cells and slot free now, before the next step
+                self.release(o.seq, keep_kv=True)  # cells and slot free now, before the next step
         return outputs
 
     def _sample(self, emitting: list[Sequence]) -> list[int]:
@@ -495,11 +554,14 @@ class DecodeEngine:
         t["tpot_ms"] = t["decode_ms"] / (num_out - 1) if num_out > 1 else 0.0
         return t
 
-    def release(self, seq: Sequence) -> None:
-        """Free everything the sequence holds, at once. Releasing twice is a no-op."""
+    def release(self, seq: Sequence, keep_kv: bool = False) -> None:
+        """Free everything the sequence holds, at once; with `keep_kv` (it finished), its KV goes
+        to the pool first. Releasing twice is a no-op."""
         if self.seqs.pop(seq.request_id, None) is None:
             return
         if seq.slot >= 0:
+            if keep_kv and self.pool is not None and seq.state == RUNNING:
+                self._pool_put(seq)
             self.running.pop(seq.slot, None)
             self.prefilling.pop(seq.slot, None)
             self.ctx.seq_rm(seq.slot)
@@ -508,7 +570,7 @@ class DecodeEngine:
         if seq.sampler is not None:
             seq.sampler.close()
             seq.sampler = None
-        seq.state, seq.assembly, seq.state_buf = DONE, None, None
+        seq.state, seq.assembly, seq.state_buf, seq.pool_hit = DONE, None, None, None
         self.num_finished += 1
 
     def close(self) -> None:

@@ -13,6 +13,10 @@ Layout written by llama-kv-cache.cpp (state_write) in the pinned llama.cpp (llam
         n_layer x { i32 k_type, u64 k_row_bytes, cell_count x k_row_bytes }
         n_layer x { i32 v_type, u64 v_row_bytes, cell_count x v_row_bytes }
 
+A model with sliding-window layers (gemma3: llama_kv_cache_iswa) writes two such cache sections after the
+one magic and seq_id, each from `u32 n_stream` on: the global layers' cache, then the sliding layers'
+(`parse_caches` reads both; the decode worker lays out single-cache states only).
+
 The loader puts the cells into the stream of the destination sequence, whichever stream index
 they were written under, so we always write them under stream 0. This module is pure bytes: it
 imports no engine, and `StateLayout` lets a receiver place each layer's rows straight into the
@@ -127,6 +131,17 @@ class ParsedState:
 
 def parse_state(buf) -> ParsedState:
     """Read a single-sequence state buffer produced by llama.cpp (flash attention, v_trans=0)."""
+    caches = parse_caches(buf)
+    if len(caches) != 1:
+        raise StateLayoutError(f"state holds {len(caches)} caches: a two-cache (iswa) model's state, read it with "
+                               "parse_caches")
+    return caches[0]
+
+
+def parse_caches(buf) -> list[ParsedState]:
+    """Read a single-sequence state of every cache llama.cpp keeps, in its order: one for most families;
+    for sliding-window (iswa) families the global layers' cache, then the sliding-window layers' cache,
+    each written as a whole cache section (n_stream, streams) after one magic and seq_id."""
     mv = memoryview(buf)
     off = 0
 
@@ -138,38 +153,42 @@ def parse_state(buf) -> ParsedState:
         off += struct.calcsize(fmt)
         return vals
 
-    magic, _seq_id, n_stream = take("<IiI")
+    magic, _seq_id = take("<Ii")
     if magic != STATE_MAGIC:
         raise StateLayoutError(f"state magic {magic:#x}, expected {STATE_MAGIC:#x}: another llama.cpp version?")
-    found = None
-    for _ in range(n_stream):
-        (cell_count,) = take("<I")
-        if cell_count == 0:
-            continue
-        if found is not None:
-            raise StateLayoutError("state holds cells in more than one stream: not a single-sequence state")
-        cells = np.frombuffer(mv[off : off + 12 * cell_count], dtype="<i4").reshape(cell_count, 3)
-        if (cells[:, 1] != 1).any():
-            raise StateLayoutError("cells shared by several sequences are not supported")
-        off += 12 * cell_count
-        v_trans, n_layer = take("<II")
-        if v_trans:
-            raise StateLayoutError("transposed V (flash attention off) is not supported: enable flash attention")
-        k_rows, v_rows, k_meta, v_meta = [], [], None, None
-        for rows, meta_name in ((k_rows, "k"), (v_rows, "v")):
-            for _layer in range(n_layer):
-                t, rb = take("<iQ")
-                meta = (t, rb)
-                if meta_name == "k":
-                    k_meta = meta
-                else:
-                    v_meta = meta
-                rows.append(mv[off : off + cell_count * rb])
-                off += cell_count * rb
-        layout = StateLayout(n_stream, cell_count, n_layer, k_meta[1], v_meta[1], k_meta[0], v_meta[0])
-        found = ParsedState(n_stream, cells[:, 0].copy(), layout, k_rows, v_rows)
-    if found is None:
-        raise StateLayoutError("state holds no cells")
-    if off != len(mv):
-        raise StateLayoutError(f"state buffer has {len(mv) - off} trailing bytes")
-    return found
+    caches = []
+    while off < len(mv):
+        (n_stream,) = take("<I")
+        found = None
+        for _ in range(n_stream):
+            (cell_count,) = take("<I")
+            if cell_count == 0:
+                continue
+            if found is not None:
+                raise StateLayoutError("state holds cells in more than one stream: not a single-sequence state")
+            if off + 12 * cell_count > len(mv):
+                raise StateLayoutError(f"state buffer truncated at byte {off}")
+            cells = np.frombuffer(mv[off : off + 12 * cell_count], dtype="<i4").reshape(cell_count, 3)
+            if (cells[:, 1] != 1).any():
+                raise StateLayoutError("cells shared by several sequences are not supported")
+            off += 12 * cell_count
+            v_trans, n_layer = take("<II")
+            if v_trans:
+                raise StateLayoutError("transposed V (flash attention off) is not supported: enable flash attention")
+            k_rows, v_rows, meta = [], [], {}
+            for rows, role in ((k_rows, "k"), (v_rows, "v")):
+                for _layer in range(n_layer):
+                    meta[role] = take("<iQ")  # (type, row bytes)
+                    if off + cell_count * meta[role][1] > len(mv):
+                        raise StateLayoutError(f"state buffer truncated at byte {off}")
+                    rows.append(mv[off : off + cell_count * meta[role][1]])
+                    off += cell_count * meta[role][1]
+            k_meta, v_meta = meta.get("k", (0, 0)), meta.get("v", (0, 0))
+            layout = StateLayout(n_stream, cell_count, n_layer, k_meta[1], v_meta[1], k_meta[0], v_meta[0])
+            found = ParsedState(n_stream, cells[:, 0].copy(), layout, k_rows, v_rows)
+        if found is None:
+            raise StateLayoutError("state holds no cells")
+        caches.append(found)
+    if not caches:
+        raise StateLayoutError("state holds no cache")
+    return caches

@@ -187,6 +187,21 @@ class LlamaContext:
         got = llama_cpp.llama_state_seq_get_data(self._ptr, buf, n, seq_id)
         return bytes(buf[:got])
 
+    def copy_seq_state(self, seq_id: int) -> bytearray:
+        """The sequence's state (as get_seq_state) written straight into a bytearray of its own:
+        one copy, no per-byte Python objects (megabytes for a long sequence)."""
+        self._check_seq(seq_id)
+        n = llama_cpp.llama_state_seq_get_size(self._ptr, seq_id)
+        out = bytearray(n)
+        got = llama_cpp.llama_state_seq_get_data(self._ptr, (ctypes.c_uint8 * n).from_buffer(out), n, seq_id)
+        del out[got:]
+        return out
+
+    def seq_trim(self, seq_id: int, num_cells: int) -> bool:
+        """Keep only the cells at positions 0..num_cells-1 of seq_id. False if llama.cpp refuses."""
+        self._check_seq(seq_id)
+        return bool(llama_cpp.llama_memory_seq_rm(self.mem, seq_id, num_cells, -1))
+
     def set_seq_state(self, seq_id: int, state) -> int:
         """Load a sequence state buffer into `seq_id`; 0 means llama.cpp rejected it. A writable
         buffer (bytearray, numpy) is passed without a copy; read-only bytes are copied once."""
@@ -299,3 +314,21 @@ class Sampler:
             self._ptr = None
 
     __del__ = close
+
+
+QUANT_FTYPES = {"F16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16, "Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
+                "Q4_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}
+
+
+def quantize_model(src, dst, quant: str, n_threads: int = 0) -> None:
+    """llama.cpp's own quantizer (what its llama-quantize tool runs): the GGUF at src, its weights as
+    `quant`, into dst. Tensors whose rows a K-quant cannot split fall back to llama.cpp's choice."""
+    if quant not in QUANT_FTYPES:
+        raise ModelError(f"quantization {quant!r} is not one of {', '.join(QUANT_FTYPES)}")
+    init_backend()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = QUANT_FTYPES[quant]
+    params.nthread = n_threads
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise ModelError(f"llama.cpp could not quantize {src} to {quant} (code {rc})")

@@ -118,3 +118,15 @@ def bind_process(node_id: int, root: Path = SYSFS, reexec_marker: str | None = N
         plan = Binding(plan.node_id, plan.cpus, plan.num_threads, "affinity", False)
     # idempotent under numactl --membind; the only memory binding when we bound ourselves
     return Binding(plan.node_id, plan.cpus, plan.num_threads, plan.method, bind_memory(node_id))
+
+
+def node_memory_bytes(node: int | None, root: Path = SYSFS) -> int:
+    """Memory of NUMA node `node` (sysfs meminfo), or of the machine for None or an unreadable node."""
+    if node is not None:
+        try:
+            for line in (Path(root) / "devices/system/node" / f"node{node}" / "meminfo").read_text().splitlines():
+                if "MemTotal:" in line:
+                    return int(line.split()[-2]) * 1024  # "Node 0 MemTotal:  65870784 kB"
+        except (OSError, ValueError, IndexError):
+            pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

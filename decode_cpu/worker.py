@@ -20,15 +20,15 @@ import psutil
 import zmq
 
 from decode_cpu import llama, numa
-from decode_cpu.engine import DecodeEngine
+from decode_cpu.engine import PREFILL, DecodeEngine
 from homelab_disagg import __version__
 from homelab_disagg.config import DecodeWorkerConfig
 from homelab_disagg.errors import DisaggError, RequestError
 from homelab_disagg.model import read_model_info
-from wire import codecs, frame, messages, transport
+from wire import codecs, curve, frame, messages, transport
 from wire.messages import (
     Admit, Admitted, Cancel, Capabilities, DecodeTimings, Detokenize, Detokenized, Failed, Finished, FirstToken, Ping,
-    Pong, Refused, Tokenize, Tokenized, Tokens,
+    PoolStatus, Pong, Refused, Tokenize, Tokenized, Tokens,
 )
 
 log = logging.getLogger("decode")
@@ -43,15 +43,21 @@ class DecodeWorker:
         numa_strategy = llama.NUMA_NUMACTL if cfg.numa_node is not None else llama.NUMA_OFF
         self.engine = DecodeEngine(cfg, self.info, n_threads, numa_strategy)
         self.zctx = zmq.Context()
-        self.control = transport.bind_router(self.zctx, cfg.control_addr)
-        self.inbox = transport.ControlInbox(self.control, log)
-        self.kv = transport.bind_kv_pull(self.zctx, cfg.kv_addr)
+        self.guard = curve.CurveGuard(self.zctx, cfg.curve, log) if cfg.curve is not None else None
+        self.control = transport.bind_router(self.zctx, cfg.control_addr, self.guard)
+        self.inbox = transport.ControlInbox(self.control, log, pong=self.pong)
+        self._warn_bad_frame = transport.ThrottledWarning(log)  # a peer can send bad frames at any rate
+        self.kv = transport.bind_kv_pull(self.zctx, cfg.kv_addr, self.guard)
+        if self.guard is not None:
+            log.info("CURVE on: control and KV sockets let in %d authorized client keys", len(cfg.curve.authorized_keys))
         self.poller = zmq.Poller()
         self.poller.register(self.control, zmq.POLLIN)
         self.poller.register(self.kv, zmq.POLLIN)
         self.proc = psutil.Process()
         self.proc.cpu_percent()
         self.num_bad_frames = 0
+        self.pool_status, self._pool_version = PoolStatus(), -1
+        self.refresh_pool_status()
         self._next_stall_check_s = 0.0
 
     def serve_forever(self) -> None:
@@ -62,13 +68,16 @@ class DecodeWorker:
             self.run_once()
 
     def run_once(self, idle_wait_ms: int = 50) -> None:
-        self.poller.poll(0 if self.engine.has_work() else idle_wait_ms)
+        self.poller.poll(0 if self.engine.has_work() or self.inbox.num_held else idle_wait_ms)
         self.receive_control()
         self.receive_kv()
-        for seq, err in self.engine.place_ready():
+        with self.inbox.busy():  # injecting KV and a batch step may take seconds: pings are answered meanwhile
+            placed, outputs = self.engine.place_ready(), self.engine.step()
+        for seq, err in placed:
             self.fail(seq.owner, seq.request_id, str(err), "kv_error")
-        self.emit(self.engine.step())
+        self.emit(outputs)
         self.expire_stalled_kv()
+        self.refresh_pool_status()
 
     # --- stages -------------------------------------------------------------------------
 
@@ -78,7 +87,7 @@ class DecodeWorker:
 
     def handle(self, identity: bytes, msg: messages.Message) -> None:
         if isinstance(msg, Ping):
-            transport.reply(self.control, identity, self.pong())
+            self.inbox.reply(identity, self.pong())
         elif isinstance(msg, Admit):
             self.admit(identity, msg)
         elif isinstance(msg, Cancel):
@@ -86,9 +95,9 @@ class DecodeWorker:
         elif isinstance(msg, FirstToken):
             self.first_token(msg)
         elif isinstance(msg, Tokenize):
-            transport.reply(self.control, identity, self.tokenize(msg))
+            self.inbox.reply(identity, self.tokenize(msg))
         elif isinstance(msg, Detokenize):
-            transport.reply(self.control, identity, self.detokenize(msg))
+            self.inbox.reply(identity, self.detokenize(msg))
         else:
             self.inbox.reject(identity, getattr(msg, "request_id", b""),
                               f"a decode worker does not take {type(msg).__name__} messages")
@@ -99,9 +108,10 @@ class DecodeWorker:
             seq = self.engine.admit(msg.request_id, ids, msg.sampling, msg.kv_source == "local", identity,
                                     first_from_prefill=msg.first_token_from_prefill and msg.kv_source == "remote")
         except DisaggError as e:  # the refusal's code is its class's, never read from its words
-            transport.reply(self.control, identity, Refused(msg.request_id, str(e), e.code))
+            self.inbox.reply(identity, Refused(msg.request_id, str(e), e.code))
             return
-        transport.reply(self.control, identity, Admitted(msg.request_id, ids, seq.slot))
+        kv_source = "local" if seq.state == PREFILL else "remote"  # a pool hit turns "remote" into "local"
+        self.inbox.reply(identity, Admitted(msg.request_id, ids, seq.slot, seq.num_cached, kv_source))
 
     def tokenize(self, msg: Tokenize):
         try:
@@ -146,7 +156,7 @@ class DecodeWorker:
 
     def kv_failed(self, request_id: bytes, why: str) -> None:
         seq = self.engine.cancel(request_id)
-        log.warning("bad KV frame for %s: %s", request_id.hex() or "?", why)
+        self._warn_bad_frame("bad KV frame for %s: %s", request_id.hex() or "?", why)
         if seq is not None:
             self.fail(seq.owner, request_id, f"KV stream rejected: {why}", "kv_error")
 
@@ -171,7 +181,7 @@ class DecodeWorker:
             if not owner:
                 continue  # admitted without a coordinator (tests, benchmarks): nowhere to send
             tok = Tokens([o.seq.request_id for o in outs], [o.token_id for o in outs], [o.piece for o in outs])
-            transport.reply(self.control, owner, tok)
+            self.inbox.reply(owner, tok)
             for o in outs:
                 if o.finish_reason is not None:
                     self.finish(o.seq, o.finish_reason)
@@ -179,12 +189,12 @@ class DecodeWorker:
     def finish(self, seq, reason: str) -> None:
         """The engine freed the sequence when it produced its last token; this reports it."""
         timings = DecodeTimings(**self.engine.timings_of(seq))
-        transport.reply(self.control, seq.owner,
-                        Finished(seq.request_id, reason, len(seq.prompt_ids), len(seq.output_ids), timings))
+        self.inbox.reply(seq.owner, Finished(seq.request_id, reason, len(seq.prompt_ids), len(seq.output_ids), timings,
+                                             seq.num_cached))
 
     def fail(self, owner: bytes, request_id: bytes, why: str, code: str = "error") -> None:
         if owner:
-            transport.reply(self.control, owner, Failed(request_id, why, code))
+            self.inbox.reply(owner, Failed(request_id, why, code))
 
     def pong(self) -> Pong:
         mem = self.proc.memory_info().rss
@@ -197,10 +207,23 @@ class DecodeWorker:
             kv_addr=self.cfg.kv_addr, kv_cache_type=self.cfg.kv_cache_type, num_finished=self.engine.num_finished,
             num_bad_frames=self.num_bad_frames, numa_node=-1 if self.cfg.numa_node is None else self.cfg.numa_node,
             num_threads=self.engine.n_threads, cpus=numa.format_cpulist(os.sched_getaffinity(0)),
+            pool=self.pool_status,
         )
+
+    def refresh_pool_status(self) -> None:
+        """The pool's figures as Pong reports them, taken here in the loop's thread: pongs may be
+        answered from another thread while a step runs, and the pool is not to be read from there."""
+        pool = self.engine.pool
+        if pool is None or pool.version == self._pool_version:
+            return
+        st, self._pool_version = pool.stats, pool.version
+        self.pool_status = PoolStatus(pool.budget_bytes, st.num_bytes, st.num_entries, st.num_evictions,
+                                      st.num_dropped, st.hit_tokens, st.lookup_tokens, tuple(pool.held_hashes()))
 
     def close(self) -> None:
         self.engine.close()
+        if self.guard is not None:
+            self.guard.close()
         self.zctx.destroy(linger=0)
 
 

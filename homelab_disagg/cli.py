@@ -25,6 +25,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split
 model_app = typer.Typer(no_args_is_help=True, help="The model: fetch the default, inspect a GGUF.")
 app.add_typer(model_app, name="model")
 CODEC_NAMES, CACHE_TYPE_NAMES = ", ".join(codecs.names()), ", ".join(codecs.CACHE_TYPES)
+keys_app = typer.Typer(no_args_is_help=True, help="CurveZMQ keys for a lab's ZeroMQ sockets.")
+app.add_typer(keys_app, name="keys")
+CurveKeysOpt = Annotated[Optional[Path], typer.Option(
+    help="Key directory (`homelab-disagg keys generate`): CURVE on this worker's sockets, only the lab's "
+         "authorized clients let in. Default: plain TCP.")]
 
 # Commands of the lab tooling (`bench ...`) plug in through this entry-point group: the product never
 # imports its lab, the lab registers itself (pyproject.toml [project.entry-points]).
@@ -109,11 +114,18 @@ def serve(
     slots: Annotated[int, typer.Option(help="Local decode workers' sequence slots.")] = 8,
     max_queue: Annotated[int, typer.Option(help="Local decode workers' admitted requests beyond the slots.")] = 32,
     slot_ctx: Annotated[int, typer.Option(help="Local decode workers' context tokens per slot.")] = 2048,
+    kv_pool_bytes: Annotated[str, typer.Option(help="Local decode workers' KV pool (prefix reuse across requests): "
+                                                    "0 (off), auto or a size such as 4G.")] = "0",
     prefill_threads: Annotated[int, typer.Option(help="Local prefill worker's torch threads (0: its share of this box's CPUs).")] = 0,
     decode_threads: Annotated[int, typer.Option(help="Local decode workers' llama.cpp threads (0: their share of this box's CPUs).")] = 0,
     codec: Annotated[Optional[str], typer.Option(help=f"KV codec on the wire: {CODEC_NAMES}. Default: the lab's (f16).")] = None,
     first_token_from_prefill: Annotated[Optional[bool], typer.Option(
         help="Greedy requests: the prefill worker picks the first token. Default: the lab's (off).")] = None,
+    api_key: Annotated[Optional[str], typer.Option(
+        help="Require `Authorization: Bearer KEY` on every endpoint but /health. Default: HOMELAB_DISAGG_API_KEY, "
+             "else the lab's api_key, else open.")] = None,
+    metrics_require_key: Annotated[Optional[bool], typer.Option(
+        help="/metrics needs the API key too. Default: the lab's metrics_require_key (off).")] = None,
     log_level: Annotated[str, typer.Option(help="HTTP server log level.")] = "warning",
 ) -> None:
     """OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics).
@@ -125,7 +137,7 @@ def serve(
         from coordinator.core import Coordinator
         from coordinator.launcher import LocalLab
         from coordinator.server import ServeOptions, serve_async
-        from homelab_disagg.config import ARCHITECTURES, ConfigError, LabConfig, load_lab
+        from homelab_disagg.config import ARCHITECTURES, ConfigError, Env, LabConfig, load_lab
 
         if architecture is not None and architecture not in ARCHITECTURES:
             raise ConfigError(f"--architecture {architecture!r} is not one of {', '.join(ARCHITECTURES)}")
@@ -148,14 +160,20 @@ def serve(
             local = LocalLab(resolve_model_path(model), prefill_args=["--device", device, "--threads", str(prefill_threads)],
                              num_decode=decode_workers,
                              decode_args=["--slots", str(slots), "--max-queue", str(max_queue), "--slot-ctx", str(slot_ctx),
-                                          "--threads", str(decode_threads)])
+                                          "--threads", str(decode_threads), "--kv-pool-bytes", kv_pool_bytes])
             with console.status("starting worker processes on this machine (first start converts the GGUF once)"):
                 lab = local.start(with_prefill=with_prefill)
+            local.supervise()  # a worker that dies is started again, as the lab's systemd units do
         changes = {k: v for k, v in (("architecture", architecture), ("http_host", host), ("http_port", port),
-                                     ("codec", codec), ("first_token_from_prefill", first_token_from_prefill))
+                                     ("codec", codec), ("first_token_from_prefill", first_token_from_prefill),
+                                     ("api_key", api_key or Env().api_key), ("metrics_require_key", metrics_require_key))
                    if v is not None}
         lab = lab.with_(**changes)
-        opts = ServeOptions(lab.http_host, lab.http_port, served_model_name, records, log_level)
+        opts = ServeOptions(lab.http_host, lab.http_port, served_model_name, records, log_level, lab.api_key,
+                            lab.metrics_require_key)
+        if lab.api_key is None and lab.http_host not in ("127.0.0.1", "localhost", "::1"):
+            err_console.print(f"[yellow]serving on {lab.http_host} without an API key: anyone who reaches this port "
+                              "can use it (--api-key or HOMELAB_DISAGG_API_KEY)[/]")
 
         def ready(url: str) -> None:
             workers = ", ".join(f"{e.name}" for e in lab.prefill + lab.decode)
@@ -183,13 +201,19 @@ def prefill_worker(
     engine: Annotated[str, typer.Option(help="torch or vllm.")] = "torch",
     threads: Annotated[int, typer.Option(help="torch CPU threads (0: default).")] = 0,
     name: Annotated[str, typer.Option(help="Worker name in status and metrics.")] = "prefill0",
+    curve_keys: CurveKeysOpt = None,
 ) -> None:
     """Serve prefill requests: compute KV and stream it to decode workers."""
     try:
         from homelab_disagg.config import PrefillWorkerConfig
         from prefill_gpu import worker
 
-        cfg = PrefillWorkerConfig(resolve_model_path(model), control, engine, device, threads)
+        from homelab_disagg.config import load_client_keys, load_server_keys
+        from wire.curve import PREFILL
+
+        keys = {} if curve_keys is None else {"curve": load_server_keys(curve_keys),
+                                              "kv_curve": load_client_keys(curve_keys, PREFILL)}
+        cfg = PrefillWorkerConfig(resolve_model_path(model), control, engine, device, threads, **keys)
         worker.main(cfg, name)
     except DisaggError as e:
         fail(e)
@@ -209,12 +233,19 @@ def decode_worker(
     kv_type: Annotated[str, typer.Option(help=f"KV cache type: {CACHE_TYPE_NAMES}.")] = "f16",
     max_queue: Annotated[int, typer.Option(help="Admitted requests that may wait beyond the slots.")] = 32,
     kv_timeout: Annotated[float, typer.Option(help="Seconds a KV stream may stall before its slot is freed.")] = 30.0,
+    kv_pool_bytes: Annotated[str, typer.Option(help="RAM for the KV of finished sequences, reused by requests that "
+                                                    "share their prefix: 0 (off), auto (a quarter of the NUMA "
+                                                    "node's memory), or a size such as 16G.")] = "0",
+    kv_pool_max_local_rest: Annotated[int, typer.Option(help="With a pooled prefix, prefill at most this many "
+                                                             "remaining prompt tokens here rather than on a "
+                                                             "prefill worker.")] = 512,
     name: Annotated[str, typer.Option(help="Worker name in status and metrics.")] = "decode0",
+    curve_keys: CurveKeysOpt = None,
     numa_bound: Annotated[bool, typer.Option("--numa-bound", hidden=True)] = False,  # set by the numactl re-exec
 ) -> None:
     """Serve decode requests: receive KV, inject it into llama.cpp, decode in batches."""
     try:
-        from homelab_disagg.config import DecodeWorkerConfig
+        from homelab_disagg.config import DecodeWorkerConfig, load_server_keys, parse_pool_bytes
 
         path = resolve_model_path(model)
         if numa_node is not None:
@@ -226,7 +257,9 @@ def decode_worker(
             err_console.print(binding.describe(), highlight=False)
         from decode_cpu import worker
 
-        cfg = DecodeWorkerConfig(path, control, kv, slots, slot_ctx, threads, numa_node, kv_type, max_queue, kv_timeout)
+        cfg = DecodeWorkerConfig(path, control, kv, slots, slot_ctx, threads, numa_node, kv_type, max_queue, kv_timeout,
+                                 kv_pool_bytes=parse_pool_bytes(kv_pool_bytes), kv_pool_max_local_rest=kv_pool_max_local_rest,
+                                 curve=load_server_keys(curve_keys) if curve_keys is not None else None)
         worker.main(cfg, name)
     except DisaggError as e:
         fail(e)
@@ -343,16 +376,62 @@ def model_fetch() -> None:
 
 @model_app.command("info")
 def model_info(model: ModelOpt = None) -> None:
-    """Print a GGUF's geometry, KV size per token and fingerprint."""
+    """Print a GGUF's geometry, KV size per token, fingerprint and its family's handoff facts."""
     try:
-        from homelab_disagg.model import read_model_info
+        from homelab_disagg.model import read_model_info, resolve_model
 
-        info = read_model_info(resolve_model_path(model))
+        info = read_model_info(resolve_model(model), require_handoff=False)
         table = Table("field", "value")
         for k in ("path", "name", "architecture", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                  "context_length", "vocab_size", "rope_layout", "fingerprint_hex", "kv_bytes_per_token_f16"):
+                  "context_length", "vocab_size", "fingerprint_hex", "kv_bytes_per_token_f16"):
             table.add_row(k, str(getattr(info, k)))
+        for k, v in info.handoff_facts().items():
+            table.add_row(k, str(v))
         console.print(table)
+    except DisaggError as e:
+        fail(e)
+
+
+@model_app.command("synth")
+def model_synth(
+    family: Annotated[str, typer.Option(help="Architecture: llama, qwen2, qwen3 or gemma3.")] = "llama",
+    geometry: Annotated[str, typer.Option(help="tiny, llama-3.2-1b, llama-3.1-8b or qwen2.5-7b.")] = "tiny",
+    quant: Annotated[str, typer.Option(help="Weight type: F16, Q8_0 or Q4_K_M (through llama.cpp's quantizer).")] = "F16",
+    out: Annotated[Path, typer.Option("--out", "-o", help="The GGUF to write.")] = Path("synth.gguf"),
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+) -> None:
+    """Write a GGUF of random weights with a family's layout and a real geometry (no model hub needed):
+    weights scaled so activations stay realistic, the default model's tokenizer, the family's chat template."""
+    try:
+        from homelab_disagg.synth import SynthSpec, synth_model
+
+        path = synth_model(SynthSpec(family, geometry, quant, seed), out)
+        console.print(str(path), highlight=False)
+    except DisaggError as e:
+        fail(e)
+
+
+# --- keys -----------------------------------------------------------------------------------
+
+
+@keys_app.command("generate")
+def keys_generate(
+    key_dir: Annotated[Path, typer.Argument(help="Directory to write the keys to (made, mode 0700).")],
+    force: Annotated[bool, typer.Option("--force", help="Replace keys already there (every host then needs the new ones).")] = False,
+) -> None:
+    """Make a lab's CurveZMQ key pairs: `server` (every worker), `coordinator`, `prefill` (its KV pushes), and
+    authorized/ (the client public keys workers let in). Secret halves are written mode 0600. Give the
+    directory to workers with --curve-keys and to the coordinator as `curve_keys` in its lab file's security table."""
+    try:
+        from homelab_disagg.config import ConfigError
+        from wire import curve
+
+        try:
+            written = curve.generate_keys(key_dir, overwrite=force)
+        except curve.CurveKeyError as e:
+            raise ConfigError(str(e)) from None
+        for path in written:
+            console.print(str(path), highlight=False)
     except DisaggError as e:
         fail(e)
 

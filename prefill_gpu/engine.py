@@ -43,13 +43,16 @@ def hf_checkpoint(info: ModelInfo, env: Env) -> Path:
     """The GGUF converted once (dequantized) into a transformers checkpoint, cached by fingerprint.
     Loading a GGUF through transformers dequantizes every tensor and rebuilds the tokenizer, which
     takes tens of seconds; the cached checkpoint loads in about one."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     dest = env.cache_dir / "hf" / info.fingerprint_hex
     if (dest / "config.json").exists():
         return dest
     tmp = dest.with_name(dest.name + ".part")
-    model = AutoModelForCausalLM.from_pretrained(info.path.parent, gguf_file=info.path.name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(info.path.parent, gguf_file=info.path.name)
+    match_llama_cpp_config(config, info)
+    model = AutoModelForCausalLM.from_pretrained(info.path.parent, gguf_file=info.path.name, config=config,
+                                                 dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(info.path.parent, gguf_file=info.path.name)
     # the weights are plain dequantized tensors now; drop the GGUF marker so they save as such
     model.hf_quantizer = None
@@ -59,6 +62,33 @@ def hf_checkpoint(info: ModelInfo, env: Env) -> Path:
     tok.save_pretrained(tmp)
     tmp.replace(dest)
     return dest
+
+
+def match_llama_cpp_config(config, info: ModelInfo) -> None:
+    """Where transformers' GGUF loader reads a family differently from llama.cpp, take llama.cpp's
+    reading (homelab_disagg/families.py): the head size is the GGUF's key_length (transformers maps it for
+    few families and Qwen3's config defaults it to 128); gemma3's attention scale is 1/sqrt(head_dim) there
+    (1/sqrt(hidden / heads) for the 62-layer 27B), while transformers defaults query_pre_attn_scalar to 256."""
+    if hasattr(config, "head_dim"):
+        config.head_dim = info.head_dim
+    if info.architecture == "gemma3":
+        config.query_pre_attn_scalar = info.hidden_size // info.num_heads if info.num_layers == 62 else info.head_dim
+
+
+def apply_rope_freqs(decoder, info: ModelInfo) -> None:
+    """Llama 3 rope scaling: llama.cpp divides RoPE frequency i by the GGUF's rope_freqs[i]; transformers'
+    GGUF loader ignores that tensor, so divide the rotary embedding's frequencies here (on every load: the
+    frequencies are a buffer the checkpoint does not save)."""
+    from homelab_disagg.model import read_rope_freqs
+
+    factors = read_rope_freqs(info)
+    if factors is None:
+        return
+    rotary = decoder.rotary_emb
+    if rotary.inv_freq.shape != factors.shape:
+        raise ModelError(f"{info.path.name}: rope_freqs has {factors.shape[0]} factors for {rotary.inv_freq.shape[0]} "
+                         "RoPE frequencies; the GGUF contradicts itself")
+    rotary.inv_freq = rotary.inv_freq / torch.from_numpy(factors).to(rotary.inv_freq.device, rotary.inv_freq.dtype)
 
 
 class TorchPrefillEngine:
@@ -73,6 +103,7 @@ class TorchPrefillEngine:
         path = hf_checkpoint(info, env or Env())
         self.lm = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
         self.decoder = self.lm.model  # the decoder stack without the LM head
+        apply_rope_freqs(self.decoder, info)
         self._on_layer: OnLayer | None = None
         self._cache = None
         for i, layer in enumerate(self.decoder.layers):

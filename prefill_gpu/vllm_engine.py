@@ -72,6 +72,9 @@ class VllmPrefillEngine:
                  vcfg: VllmEngineConfig | None = None):
         if not vllm_available():
             raise ModelError(NOT_INSTALLED)
+        if info.rope_freqs:  # transformers' config does not carry them, so vLLM would rotate keys unscaled
+            raise ModelError(f"{info.path.name}: Llama 3 rope scaling (rope_freqs) is applied by the torch engine "
+                             "only; use --engine torch for this model")
         from prefill_gpu.engine import hf_checkpoint, pick_device
         from prefill_gpu.vllm_connector import WireSettings
 

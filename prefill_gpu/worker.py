@@ -27,7 +27,7 @@ from prefill_gpu.engine import TorchPrefillEngine
 from prefill_gpu.kv_encode import ENCODERS
 from prefill_gpu.kv_shipment import KvSendError, KvShipment
 from prefill_gpu.kv_stage import KvStaging
-from wire import messages, transport
+from wire import curve, messages, transport
 from wire.messages import (
     Capabilities, Failed, FirstToken, Generate, GenerateDone, Ping, Pong, Prefill, PrefillDone,
 )
@@ -48,11 +48,15 @@ class PrefillWorker:
             self.staging = KvStaging(self.info, self.engine.device)
         transport.keep_kv_buffers_off_mmap()  # the payloads a host encoder codes for each layer
         self.zctx = zmq.Context()
-        self.control = transport.bind_router(self.zctx, cfg.control_addr)
-        self.inbox = transport.ControlInbox(self.control, log)
+        self.guard = curve.CurveGuard(self.zctx, cfg.curve, log) if cfg.curve is not None else None
+        self.control = transport.bind_router(self.zctx, cfg.control_addr, self.guard)
+        self.inbox = transport.ControlInbox(self.control, log, pong=self.pong)
         on_gpu = self.cfg.engine == "torch" and self.engine.device.type == "cuda"
         self.sender = transport.KvSender(self.zctx, batch_window_s=transport.KV_BATCH_WINDOW_S if on_gpu else 0.0,
-                                         copy_payloads=on_gpu)
+                                         copy_payloads=on_gpu, curve=cfg.kv_curve)
+        if self.guard is not None:
+            log.info("CURVE on: control socket lets in %d authorized client keys; KV pushed as a CURVE client",
+                     len(cfg.curve.authorized_keys))
         self.proc = psutil.Process()
         self.proc.cpu_percent()
 
@@ -60,10 +64,11 @@ class PrefillWorker:
         log.info("prefill worker %s ready on %s (%s)", self.name, self.cfg.control_addr, self.engine.device)
         while True:
             identity, msg = self.inbox.wait()
-            self.inbox.dispatch(identity, msg, self.handle, f"prefill worker {self.name}")
+            with self.inbox.busy():  # a forward pass may take seconds: pings are answered meanwhile
+                self.inbox.dispatch(identity, msg, self.handle, f"prefill worker {self.name}")
 
     def handle(self, identity: bytes, msg: messages.Message) -> None:
-        reply = lambda m: transport.reply(self.control, identity, m)  # noqa: E731
+        reply = lambda m: self.inbox.reply(identity, m)  # noqa: E731
         if isinstance(msg, Ping):
             reply(self.pong())
         elif isinstance(msg, Prefill):
@@ -131,6 +136,8 @@ class PrefillWorker:
 
     def close(self) -> None:
         self.sender.close()
+        if self.guard is not None:
+            self.guard.close()
         self.zctx.destroy(linger=0)
 
 

@@ -13,7 +13,7 @@ from typing import Literal
 
 import msgspec
 
-PROTOCOL_VERSION = 3  # 3: typed worker capabilities and decode timings (both were free-form maps)
+PROTOCOL_VERSION = 4  # 3: typed worker capabilities and decode timings; 4: the decode worker's KV pool
 MAX_QUOTE_CHARS = 200  # of a peer's value quoted in an error (a peer's string may be megabytes)
 
 
@@ -132,6 +132,20 @@ class Capabilities(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     samples_first_token: bool = False  # answers Prefill.sample_first with a FirstToken
 
 
+class PoolStatus(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A decode worker's KV pool (decode_cpu/kv_pool.py), from its Pong: counters since it started."""
+
+    budget_bytes: int = 0  # 0: no pool
+    num_bytes: int = 0
+    num_entries: int = 0
+    num_evictions: int = 0
+    num_dropped: int = 0  # entries that failed their check
+    hit_tokens: int = 0  # prompt tokens restored from the pool
+    lookup_tokens: int = 0  # prompt tokens looked up
+    # chained block hashes (wire/prefix_blocks.py) of the prefixes held, most recently used first, capped
+    block_hashes: tuple[int, ...] = ()
+
+
 class Pong(Message):
     role: str  # "prefill" | "decode"
     name: str
@@ -153,6 +167,7 @@ class Pong(Message):
     numa_node: int = -1  # -1: not bound to a node
     num_threads: int = 0
     cpus: str = ""  # a cpulist, e.g. "0-7,16-23"
+    pool: PoolStatus = msgspec.field(default_factory=PoolStatus)  # a decode worker's KV pool
 
 
 # --- worker -> coordinator --------------------------------------------------------------------
@@ -162,6 +177,10 @@ class Admitted(Message):
     request_id: bytes
     token_ids: list[int]
     slot: int  # -1: queued for a slot
+    cached_tokens: int = 0  # leading prompt tokens whose KV this worker's pool holds: never prefilled
+    # where the rest of the prompt is prefilled: "remote" (send a Prefill of the KV ids) or "local" (this
+    # worker's llama.cpp, as asked, or because its pool holds a prefix and the rest is short: send no Prefill)
+    kv_source: Literal["remote", "local"] = "remote"
 
 
 class Tokenized(Message):
@@ -215,6 +234,8 @@ class DecodeTimings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     first_step_ms: float = 0.0  # the step that made the first output token
     decode_ms: float = 0.0  # first output token -> last
     tpot_ms: float = 0.0  # per output token after the first
+    pool_restore_ms: float = 0.0  # a pooled prefix copied into the slot
+    pool_store_ms: float = 0.0  # the finished sequence's KV copied into the pool
 
 
 class Finished(Message):
@@ -223,6 +244,7 @@ class Finished(Message):
     num_prompt_tokens: int
     num_output_tokens: int
     timings: DecodeTimings = msgspec.field(default_factory=DecodeTimings)
+    num_cached_tokens: int = 0  # prompt tokens restored from the KV pool (0 also when a pooled entry was refused)
 
 
 class GenerateDone(Message):

@@ -13,6 +13,8 @@ KV up in RAM.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import ctypes
 import logging
 import queue
@@ -20,11 +22,14 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
 import zmq
 
 from wire import frame, messages
+
+if TYPE_CHECKING:  # wire.curve builds on this module; these are only its types
+    from wire.curve import CurveGuard, CurveKeys
 
 # Layers in flight per decode worker before the producer blocks. A layer of a 4k-token prompt of
 # an 8B model is ~16 MiB in f16; 32 of them bound the sender at ~0.5 GiB in the worst case.
@@ -41,13 +46,17 @@ KV_BATCH_WINDOW_S = 0.005
 # announcing more is dropped by ZeroMQ with its connection, before any of it is buffered.
 MAX_CONTROL_MESSAGE_BYTES = 64 << 20
 WARN_INTERVAL_S = 10.0  # rejected control messages: at most one log line per this long
+PING_POLL_S = 0.05  # a busy worker's ping thread looks at its control socket this often (a GIL grab each)
 
 
-def bind_router(ctx: zmq.Context, addr: str) -> zmq.Socket:
+def bind_router(ctx: zmq.Context, addr: str, guard: CurveGuard | None = None) -> zmq.Socket:
+    """A worker's control socket; with a guard, a CURVE server that lets in only the lab's clients."""
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_MESSAGE_BYTES)
+    if guard is not None:
+        guard.secure(sock, "control")
     sock.bind(addr)
     return sock
 
@@ -76,15 +85,27 @@ class ControlInbox:
     """The receive side of a worker's control socket (a ROUTER): one (sender, message) per well-formed
     message. Anything else (more or fewer than one frame, bytes that do not decode to a message of
     this version) is answered with Failed(code "bad_request") naming what was wrong, and logged as a
-    throttled warning; the worker never sees it. Handlers report their own failures through `reject`."""
+    throttled warning; the worker never sees it. Handlers report their own failures through `reject`.
 
-    def __init__(self, sock: zmq.Socket, log: logging.Logger):
+    Heartbeats: while the worker is inside `busy()` (a forward pass, a decode step), a thread answers
+    Pings with `pong()` and holds every other message for the worker's next read, so a coordinator can
+    tell a busy worker (answers in ms) from a hung or stopped one (no answer) with a short timeout.
+    The socket is then shared by two threads, each use under one lock: replies go through `reply`."""
+
+    def __init__(self, sock: zmq.Socket, log: logging.Logger, pong: Callable[[], messages.Message] | None = None):
         self.sock = sock
         self._warn = ThrottledWarning(log)
+        self._pong = pong
+        self._lock = threading.RLock()  # reject() replies from inside the ping thread's hold too
+        self._busy = threading.Event()
+        self._held: collections.deque = collections.deque()  # taken by the ping thread, for the worker
+        self._pinger: threading.Thread | None = None
 
     def wait(self) -> tuple[bytes, messages.Message]:
         """The next well-formed message, blocking."""
         while True:
+            if self._held:
+                return self._held.popleft()
             got = self._take(0)
             if got is not None:
                 return got
@@ -92,12 +113,56 @@ class ControlInbox:
     def pending(self) -> Iterator[tuple[bytes, messages.Message]]:
         """Each well-formed message waiting now, without blocking."""
         while True:
+            if self._held:
+                yield self._held.popleft()
+                continue
             try:
                 got = self._take(zmq.NOBLOCK)
             except zmq.Again:
                 return
             if got is not None:
                 yield got
+
+    @property
+    def num_held(self) -> int:
+        """Messages the ping thread took in meanwhile, waiting for the worker's next read."""
+        return len(self._held)
+
+    def reply(self, identity: bytes, msg) -> None:
+        with self._lock:
+            reply(self.sock, identity, msg)
+
+    @contextlib.contextmanager
+    def busy(self):
+        """Pings are answered from a thread meanwhile (when the inbox has a `pong`); the worker must not
+        read the socket itself inside, and sends only through `reply`."""
+        if self._pong is None:
+            yield
+            return
+        if self._pinger is None:
+            self._pinger = threading.Thread(target=self._answer_pings, name="control-pings", daemon=True)
+            self._pinger.start()
+        self._busy.set()
+        try:
+            yield
+        finally:
+            with self._lock:  # the ping thread is not inside the socket once this returns
+                self._busy.clear()
+
+    def _answer_pings(self) -> None:
+        while True:
+            self._busy.wait()
+            with self._lock:
+                while self._busy.is_set():
+                    try:
+                        got = self._take(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    if got is not None and isinstance(got[1], messages.Ping):
+                        reply(self.sock, got[0], self._pong())
+                    elif got is not None:
+                        self._held.append(got)
+            time.sleep(PING_POLL_S)
 
     def dispatch(self, identity: bytes, msg: messages.Message, handle, worker: str) -> None:
         """handle(identity, msg); a message that reaches a bug in it fails alone (Failed, code
@@ -112,7 +177,7 @@ class ControlInbox:
     def reject(self, identity: bytes, request_id: bytes, why: str, code: str = "bad_request",
                exc_info: bool = False) -> None:
         self._warn("control message from peer %s rejected: %s", identity.hex(), why, exc_info=exc_info)
-        reply(self.sock, identity, messages.Failed(request_id, why, code))
+        self.reply(identity, messages.Failed(request_id, why, code))
 
     def _take(self, flags: int) -> tuple[bytes, messages.Message] | None:
         identity, *frames = self.sock.recv_multipart(flags)  # a ROUTER puts the sender's identity first
@@ -142,19 +207,22 @@ def keep_kv_buffers_off_mmap() -> None:
     mallopt(m_trim_threshold, 256 << 20)
 
 
-def bind_kv_pull(ctx: zmq.Context, addr: str) -> zmq.Socket:
-    """The KV receiving socket; its process's allocator is set up for KV frames on the way."""
+def bind_kv_pull(ctx: zmq.Context, addr: str, guard: CurveGuard | None = None) -> zmq.Socket:
+    """The KV receiving socket (with a guard, a CURVE server); its process's allocator is set up for KV
+    frames on the way."""
     keep_kv_buffers_off_mmap()
     sock = ctx.socket(zmq.PULL)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVHWM, KV_HWM_LAYERS * 3)
     # RCVBUF left to the kernel: an explicit SO_RCVBUF disables TCP autotuning (and is clamped to rmem_max)
+    if guard is not None:
+        guard.secure(sock, "KV")
     sock.bind(addr)
     return sock
 
 
-def connect_kv_push(ctx: zmq.Context, addr: str, send_timeout_ms: int) -> zmq.Socket:
-    """The KV sending socket to one decode worker."""
+def connect_kv_push(ctx: zmq.Context, addr: str, send_timeout_ms: int, curve: CurveKeys | None = None) -> zmq.Socket:
+    """The KV sending socket to one decode worker (with keys, a CURVE client)."""
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.SNDHWM, KV_HWM_LAYERS * 3)
     # SNDBUF left to the kernel: an explicit SO_SNDBUF disables TCP autotuning
@@ -163,6 +231,8 @@ def connect_kv_push(ctx: zmq.Context, addr: str, send_timeout_ms: int) -> zmq.So
     # layers piling up unsent behind a connection that will never complete
     sock.setsockopt(zmq.IMMEDIATE, 1)
     sock.setsockopt(zmq.LINGER, 5000)
+    if curve is not None:
+        curve.apply_client(sock)
     sock.connect(addr)
     return sock
 
@@ -210,8 +280,9 @@ class KvSender:
     """
 
     def __init__(self, ctx: zmq.Context, max_layers_queued: int = KV_HWM_LAYERS, send_timeout_s: float = 10.0,
-                 batch_window_s: float = 0.0, copy_payloads: bool = False):
+                 batch_window_s: float = 0.0, copy_payloads: bool = False, curve: CurveKeys | None = None):
         self._ctx = ctx
+        self._curve = curve
         self._copy = copy_payloads
         self._q: queue.Queue = queue.Queue(maxsize=max_layers_queued)
         self._batch_window_s = batch_window_s
@@ -244,7 +315,7 @@ class KvSender:
     def _socket(self, addr: str) -> zmq.Socket:
         sock = self._socks.get(addr)
         if sock is None:
-            sock = self._socks[addr] = connect_kv_push(self._ctx, addr, self._send_timeout_ms)
+            sock = self._socks[addr] = connect_kv_push(self._ctx, addr, self._send_timeout_ms, self._curve)
         return sock
 
     def _loop(self) -> None:
@@ -293,10 +364,12 @@ class KvSender:
 class ControlClient:
     """A coordinator-side DEALER to one worker's control socket, with request/reply timeouts."""
 
-    def __init__(self, ctx: zmq.Context, addr: str):
+    def __init__(self, ctx: zmq.Context, addr: str, curve: CurveKeys | None = None):
         self.addr = addr
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve.apply_client(self.sock)
         self.sock.connect(addr)
 
     def send(self, msg) -> None:

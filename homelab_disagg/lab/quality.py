@@ -140,12 +140,13 @@ def float_weights_model(model_path, cache_dir=None, max_f32_bytes: int = 4 << 30
 
     from homelab_disagg.config import cache_dir as default_cache_dir
     from homelab_disagg.model import read_model_info
+    from homelab_disagg.synth import field_value
 
     reader = gguf.GGUFReader(model_path)
     n_elems = sum(int(t.n_elements) for t in reader.tensors)
     dtype = np.float32 if 4 * n_elems <= max_f32_bytes else np.float16
     tag = "f32" if dtype is np.float32 else "f16"
-    dest = Path(cache_dir or default_cache_dir()) / "judge" / f"{read_model_info(model_path).fingerprint_hex[:16]}.{tag}.gguf"
+    dest = Path(cache_dir or default_cache_dir()) / "judge" / f"{read_model_info(model_path, require_handoff=False).fingerprint_hex[:16]}.{tag}.gguf"
     if dest.exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -158,7 +159,7 @@ def float_weights_model(model_path, cache_dir=None, max_f32_bytes: int = 4 << 30
         if name == "general.file_type":  # llama_ftype: ALL_F32 = 0, MOSTLY_F16 = 1
             writer.add_uint32(name, 0 if tag == "f32" else 1)
             continue
-        writer.add_key_value(name, *_field_value(f))
+        writer.add_key_value(name, *field_value(f))
     for t in reader.tensors:
         x = gguf.quants.dequantize(t.data, t.tensor_type)
         x = x.astype(np.float32 if x.ndim == 1 else dtype)
@@ -170,21 +171,6 @@ def float_weights_model(model_path, cache_dir=None, max_f32_bytes: int = 4 << 30
     writer.close()
     part.replace(dest)
     return dest
-
-
-def _field_value(f) -> tuple:
-    """(value, value type[, sub type]) of a GGUFReader field, as GGUFWriter.add_key_value takes them."""
-    import gguf
-
-    T = gguf.GGUFValueType
-    raw = lambda i: bytes(f.parts[i])  # noqa: E731  (strings as their bytes: token texts need not be UTF-8)
-    if f.types[0] == T.ARRAY:
-        sub = f.types[1]
-        items = [raw(i) if sub == T.STRING else f.parts[i].tolist()[0] for i in f.data]
-        return items, T.ARRAY, sub
-    if f.types[0] == T.STRING:
-        return raw(f.data[0]), T.STRING
-    return f.parts[f.data[0]].tolist()[0], f.types[0]
 
 
 def nudge_keys(rows: list, fraction: float = 1e-4, seed: int = 0) -> list:

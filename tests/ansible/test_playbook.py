@@ -148,6 +148,7 @@ def write_lab(root: Path, model_src: Path, model_sha256: str, model_dir: Path) -
                 "homelab_disagg_decode_threads_per_core": THREADS_PER_CORE,
                 "homelab_disagg_decode_base_port": DECODE_BASE_PORT,
                 "homelab_disagg_prefill_port": PREFILL_PORT,
+                "homelab_disagg_curve_keys_src": str(root / "control-keys"),
             }
         )
     )
@@ -253,6 +254,7 @@ def test_decode_unit_binds_its_worker_to_its_numa_node(converge: Converge, node:
     assert f"--threads {CORES_PER_NODE} " in line
     assert f"--model {converge.model_path} " in line
     assert f"--control tcp://0.0.0.0:{control_port} --kv tcp://0.0.0.0:{control_port + 1} " in line
+    assert f" --curve-keys {converge.etc_dir}/keys " in line
     assert line.endswith(f" --name localhost-node{node}"), "the worker's name must match its lab.toml entry"
 
 
@@ -265,7 +267,7 @@ def test_prefill_and_coordinator_units_call_the_cli(converge: Converge) -> None:
     prefill = exec_start(converge.unit_dir / "homelab-disagg-prefill.service")
     assert prefill == (
         f"ExecStart={converge.venv}/bin/homelab-disagg prefill-worker --model {converge.model_path}"
-        f" --control tcp://0.0.0.0:{PREFILL_PORT} --device auto --name localhost"
+        f" --control tcp://0.0.0.0:{PREFILL_PORT} --device auto --curve-keys {converge.etc_dir}/keys --name localhost"
     )
     coordinator = exec_start(converge.unit_dir / "homelab-disagg-coordinator.service")
     assert coordinator == f"ExecStart={converge.venv}/bin/homelab-disagg serve --config {converge.etc_dir}/lab.toml"
@@ -281,6 +283,7 @@ def test_lab_toml_lists_every_worker(converge: Converge) -> None:
         "http_host": "0.0.0.0",
         "http_port": 8000,
     }
+    assert lab["security"] == {"curve_keys": str(converge.etc_dir / "keys"), "metrics_require_key": False}
     assert lab["prefill"] == [{"name": "localhost", "control": f"tcp://127.0.0.1:{PREFILL_PORT}"}]
     assert lab["decode"] == [
         {
@@ -299,6 +302,26 @@ def test_lab_toml_loads_as_the_coordinator_reads_it(converge: Converge) -> None:
     assert [ep.control_addr for ep in lab.prefill] == [f"tcp://127.0.0.1:{PREFILL_PORT}"]
     assert [ep.kv_addr for ep in lab.decode] == ["tcp://127.0.0.1:5561", "tcp://127.0.0.1:5563"]
     assert lab.first_token_from_prefill is False
+    assert lab.coordinator_keys() is not None  # the key pair and the workers' public key, readable
+    assert lab.api_key is None
+
+
+def test_keys_are_made_once_and_each_host_gets_its_share(converge: Converge) -> None:
+    """One box in every group holds every role's share; secret halves 0600, the same keys on both runs."""
+    config = pytest.importorskip("homelab_disagg.config", reason="homelab_disagg.config is not importable")
+    keys, src = converge.etc_dir / "keys", converge.root / "control-keys"
+    for name in ("server.key_secret", "prefill.key_secret", "coordinator.key_secret"):
+        assert (keys / name).stat().st_mode & 0o777 == 0o600, name
+        assert (keys / name).read_bytes() == (src / name).read_bytes(), f"{name} differs from the control machine's"
+    assert sorted(p.name for p in (keys / "authorized").iterdir()) == ["coordinator.key", "prefill.key"]
+    server = config.load_server_keys(keys)
+    assert config.load_client_keys(keys, "coordinator").server_public_key == server.public_key
+    assert config.load_client_keys(keys, "prefill").public_key in server.authorized_keys
+    publics = [server.public_key] + [config.load_client_keys(keys, n).public_key for n in ("coordinator", "prefill")]
+    fingerprint = hashlib.sha256(b" ".join(publics)).hexdigest()
+    for unit in ("homelab-disagg-prefill.service", "homelab-disagg-decode-node0.service"):
+        assert f"# CurveZMQ keys, sha256 of the public ones: {fingerprint}" in (converge.unit_dir / unit).read_text(), \
+            "a unit carries its keys' fingerprint, so new keys restart it"
 
 
 def test_wrong_model_checksum_fails_with_a_clear_message(tmp_path: Path) -> None:

@@ -41,7 +41,8 @@ def test_a_completion_s_text_is_its_token_events(api):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["choices"][0]["text"] == " Paris." and body["choices"][0]["finish_reason"] == "length"
-    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
+    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
     assert chat.json()["choices"][0]["message"] == {"role": "assistant", "content": " Paris."}
 
@@ -101,3 +102,34 @@ def test_metrics_come_from_this_server_s_registry(api):
     assert "homelab_disagg_request_failovers_total 0.0" in text and "homelab_disagg_requests_running 0.0" in text
     other = Server(server.coord, ServeOptions())  # its own registry: nothing observed there yet
     assert "outcome=" not in other.metrics.render()
+
+
+def test_cached_tokens_show_in_usage_streamed_too_and_in_metrics():
+    """A decode worker whose pool held 3 prompt tokens: OpenAI's usage.prompt_tokens_details.cached_tokens,
+    whole and streamed (stream_options.include_usage), and /metrics' pool and placement figures."""
+    import msgspec
+
+    from wire.messages import PoolStatus
+
+    coord = Coordinator(LabConfig(decode=(DecodeEndpoint("d0", "tcp://127.0.0.1:2", "tcp://127.0.0.1:3"),),
+                                  architecture="colocated-cpu"))
+    dec = ScriptedLink("d0", "decode", decode_answer([" Par", "is", "."], cached=3))
+    dec.last_pong = msgspec.structs.replace(dec.last_pong, pool=PoolStatus(1 << 20, 4096, 1, 2, 0, 6, 8, (7,)))
+    coord.decode = [dec]
+    server = Server(coord, ServeOptions(served_model_name="smol"))
+    try:
+        with TestClient(server.app) as client:
+            body = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 3}).json()
+            assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 3}
+            req = {"prompt": "x", "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}}
+            with client.stream("POST", "/v1/completions", json=req) as r:
+                lines = [l.removeprefix("data: ") for l in r.iter_lines() if l.startswith("data: ")]
+            assert json.loads(lines[-2])["usage"]["prompt_tokens_details"] == {"cached_tokens": 3}
+            text = client.get("/metrics").text
+    finally:
+        asyncio.run(coord.close())
+    assert 'homelab_disagg_prompt_tokens_cached_total{architecture="colocated-cpu"} 6.0' in text
+    assert 'homelab_disagg_prefill_placements_total{placement="decode_worker"} 2.0' in text
+    assert 'homelab_disagg_kv_pool_bytes{role="decode",worker="d0"} 4096.0' in text
+    assert 'homelab_disagg_kv_pool_evictions_total{role="decode",worker="d0"} 2.0' in text
+    assert 'homelab_disagg_kv_pool_hit_tokens_total{role="decode",worker="d0"} 6.0' in text

@@ -54,9 +54,10 @@ class ScriptedLink:
 
 
 def decode_answer(pieces, timings=DecodeTimings(queue_ms=1.0, inject_ms=2.0, first_step_ms=3.0, kv_recv_ms=4.0,
-                                                kv_wait_ms=5.0, kv_bytes_wire=300), lose_after=None):
+                                                kv_wait_ms=5.0, kv_bytes_wire=300), lose_after=None, cached=0):
     """A decode worker: admits, then streams `pieces` (one per token) and Finished; or, with
-    `lose_after`, that many tokens and then the link goes down."""
+    `lose_after`, that many tokens and then the link goes down. With `cached`, its KV pool holds that
+    many leading prompt tokens and it prefills the rest itself."""
 
     def answer(msg, link):
         if isinstance(msg, Admit):
@@ -66,8 +67,8 @@ def decode_answer(pieces, timings=DecodeTimings(queue_ms=1.0, inject_ms=2.0, fir
             if lose_after is not None:
                 link.stream(msg.request_id, *toks[:lose_after], WorkerLost("connection closed", "decode", link.name))
             else:
-                link.stream(msg.request_id, *toks, Finished(msg.request_id, "length", len(ids), n, timings))
-            return Admitted(msg.request_id, list(ids), 0)
+                link.stream(msg.request_id, *toks, Finished(msg.request_id, "length", len(ids), n, timings, cached))
+            return Admitted(msg.request_id, list(ids), 0, cached, "local" if cached or msg.kv_source == "local" else "remote")
         if isinstance(msg, Detokenize):
             return Detokenized(msg.request_id, ["Par", "is", ""], [False, False, True])  # "." was a stop string
         raise AssertionError(msg)
@@ -120,6 +121,17 @@ def test_disaggregated_admit_prefill_stream_finish_and_the_ledger_beside_it():
     assert (rec.prefill_compute_ms, rec.encode_ms, rec.kv_bytes_raw) == (7.0, 1.0, 600)
     assert rec.ttft_ms > 0 and rec.e2e_ms >= rec.ttft_ms and len(rec.itl_ms) == 2 and rec.admit_ms >= 0
     assert not hasattr(rec, "text") and not any(f.startswith("_") or f == "text" for f in CSV_FIELDS)
+    assert (rec.placement, rec.cached_tokens) == ("prefill_worker", 0)
+
+
+def test_a_pooled_prefix_means_no_prefill_and_the_ledger_says_so():
+    """The decode worker's pool holds 3 of the 4 prompt tokens and it prefills the rest itself
+    (Admitted.kv_source "local"): no Prefill goes out, and the record carries placement and cached tokens."""
+    dec = ScriptedLink("d0", "decode", decode_answer([" Par", "is", "."], cached=3))
+    pre = ScriptedLink("p0", "prefill", prefill_answer)
+    events, rec, _ = run([dec], [pre], prompt="The capital of France is", sampling=Sampling(max_tokens=3))
+    assert "".join(ev.piece for ev in events) == " Paris." and pre.got == []
+    assert (rec.placement, rec.cached_tokens, rec.prompt_tokens, rec.prefill_worker) == ("decode_worker", 3, 4, "local")
 
 
 def test_a_lost_decode_worker_hands_the_request_on_with_what_was_generated():

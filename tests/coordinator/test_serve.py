@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from homelab_disagg.lab.bench.chaos import write_lab_toml  # noqa: F401  (the failover tests import it from here)
 from tests.conftest import needs_llama, needs_torch
 
 pytestmark = [pytest.mark.slow, needs_llama, needs_torch]
@@ -27,18 +28,6 @@ PROMPT = "The capital of France is"
 
 
 # --- helpers (the failover tests import these) ---------------------------------------------
-
-
-def write_lab_toml(path: Path, lab) -> Path:
-    """The lab a LocalLab started, as the TOML a deployment would write."""
-    lines = [f"[model]\npath = {json.dumps(str(lab.model_path))}\n"]
-    for p in lab.prefill:
-        lines.append(f"[[prefill]]\nname = {json.dumps(p.name)}\ncontrol = {json.dumps(p.control_addr)}\n")
-    for d in lab.decode:
-        lines.append(f"[[decode]]\nname = {json.dumps(d.name)}\ncontrol = {json.dumps(d.control_addr)}\n"
-                     f"kv = {json.dumps(d.kv_addr)}\n")
-    path.write_text("\n".join(lines))
-    return path
 
 
 class ServeProcess:

@@ -17,13 +17,19 @@ pytestmark = [pytest.mark.slow, needs_llama]
 
 
 @pytest.fixture(scope="module")
-def worker(model_path, tmp_path_factory):
+def local_worker(model_path, tmp_path_factory):
+    """The worker's endpoint and its log file."""
     from coordinator.launcher import LocalLab
 
     local = LocalLab(model_path, decode_args=["--slots", "2", "--kv-timeout", "2"], log_dir=tmp_path_factory.mktemp("w"))
     lab = local.start(with_prefill=False)
-    yield lab.decode[0]
+    yield lab.decode[0], local.procs[0].log_path
     local.stop()
+
+
+@pytest.fixture(scope="module")
+def worker(local_worker):
+    return local_worker[0]
 
 
 class Client:
@@ -164,5 +170,26 @@ def test_good_stream_after_bad_ones_completes(worker, model_info):
             assert isinstance(msg, Tokens)
             n += len(msg.token_ids)
         assert msg.num_output_tokens == 2 and n == 2
+    finally:
+        c.close()
+
+
+def test_a_flood_of_bad_frames_logs_a_line_not_a_line_each(local_worker, model_info):
+    from wire import frame
+
+    ep, log_path = local_worker
+    c = Client(ep)
+    try:
+        before_lines = log_path.read_text().count("bad KV frame")
+        before_frames = c.pong().num_bad_frames
+        for _ in range(200):
+            hdr, k, v = layer(model_info, uuid.uuid4().bytes, 0)
+            c.kv.send_multipart([hdr[: frame.HEADER_BYTES - 1], k, v])
+        deadline = time.monotonic() + 30
+        while c.pong().num_bad_frames < before_frames + 200:
+            assert time.monotonic() < deadline, "the worker did not count the 200 bad frames"
+            time.sleep(0.1)
+        assert log_path.read_text().count("bad KV frame") - before_lines <= 1
+        still_serves(c)
     finally:
         c.close()

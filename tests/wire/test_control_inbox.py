@@ -62,3 +62,25 @@ def test_throttled_warning_counts_what_it_held_back(caplog, monkeypatch):
         now[0] += 10.0
         warn("bad %s", "input")
     assert [r.getMessage() for r in caplog.records] == ["bad input", "bad input (and 4 more in the last 10 s)"]
+
+
+def test_a_busy_worker_answers_pings_and_keeps_the_rest_in_order(pair):
+    router, dealer = pair
+    pong = messages.Pong("decode", "d0", "x", b"\0" * 8, "m")
+    inbox = transport.ControlInbox(router, logging.getLogger("test.inbox"), pong=lambda: pong)
+    cancels = [messages.Cancel(bytes([i]) * 16) for i in range(3)]
+    with inbox.busy():  # the worker is computing: it does not read its socket
+        dealer.send(messages.encode(cancels[0]))
+        dealer.send(messages.encode(Ping()))
+        t0 = time.monotonic()
+        assert _reply(dealer) == pong
+        assert time.monotonic() - t0 < 1.0
+        dealer.send(messages.encode(cancels[1]))
+        dealer.send(messages.encode(cancels[2]))
+        time.sleep(5 * transport.PING_POLL_S)
+        inbox.reply(b"nobody", pong)  # a reply from inside busy() is safe (routed nowhere here)
+    assert inbox.num_held >= 1
+    got = [m for _, m in inbox.pending()]
+    assert got == cancels  # held by the ping thread, handed on in arrival order
+    dealer.send(messages.encode(Ping()))  # not busy: the worker's own loop gets the Ping
+    assert isinstance(inbox.wait()[1], Ping)

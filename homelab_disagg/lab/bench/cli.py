@@ -86,12 +86,41 @@ def bench_serve(
     ignore_eos: Annotated[bool, typer.Option(help="Ask for exactly the output length (ignore_eos).")] = True,
     seed: Annotated[int, typer.Option(help="Seed for lengths and arrivals.")] = 0,
     result_json: Annotated[Optional[Path], typer.Option(help="Also write per-request TTFTs, ITLs and lengths here.")] = None,
+    api_key: Annotated[Optional[str], typer.Option(help="Bearer token for a server that needs one. Default: "
+                                                       "HOMELAB_DISAGG_API_KEY.")] = None,
+    workload: Annotated[str, typer.Option(help="random (prompts of --input-len against --base-url) or multiturn "
+                                               "(conversations against `serve` started here, KV reuse on and off).")] = "random",
+    conversations: Annotated[int, typer.Option(help="multiturn: conversations, run at once.")] = 4,
+    turns: Annotated[int, typer.Option(help="multiturn: turns per conversation.")] = 4,
+    system_len: Annotated[int, typer.Option(help="multiturn: tokens of the shared system prompt (about).")] = 400,
+    architecture: Annotated[str, typer.Option(help="multiturn: the local serve's architecture.")] = "colocated-cpu",
+    device: Annotated[str, typer.Option(help="multiturn: its prefill worker's device (disaggregated).")] = "cpu",
+    kv_pool_bytes: Annotated[str, typer.Option(help="multiturn: the decode worker's KV pool with reuse on.")] = "1G",
+    gguf: Annotated[Optional[str], typer.Option(help="multiturn: the local serve's model (GGUF). Default: the "
+                                                     "default model.")] = None,
     csv: CsvOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Load an OpenAI-compatible endpoint with streaming requests and report what `vllm bench serve`
-    reports: TTFT, TPOT, ITL, E2E (mean, median, p90, p99), request and token throughput, goodput."""
+    reports: TTFT, TPOT, ITL, E2E (mean, median, p90, p99), request and token throughput, goodput.
+    With --workload multiturn: growing conversations on a `serve` started here, the decode worker's KV
+    pool on and off in one run: TTFT of later turns against the first, KV bytes shipped, same answers."""
     try:
+        from homelab_disagg.config import Env
+
+        if workload == "multiturn":
+            from homelab_disagg.lab.bench.multiturn import MultiturnOptions
+            from homelab_disagg.lab.bench.multiturn import run_bench as run_multiturn
+            from homelab_disagg.lab.bench.serve import LengthRange
+
+            mt = MultiturnOptions(resolve_model_path(Path(gguf) if gguf else None), conversations, turns, system_len,
+                                  LengthRange.parse(output_len, "--output-len").lo, architecture, device, kv_pool_bytes)
+            run_multiturn(mt, csv, json_out, console)
+            return
+        if workload != "random":
+            from homelab_disagg.errors import ConfigError
+
+            raise ConfigError(f"--workload {workload!r} is not random or multiturn")
         from homelab_disagg.lab.bench.serve import BenchOptions, LengthRange, parse_goodput, parse_sweep, run_bench
 
         opts = BenchOptions(
@@ -100,6 +129,7 @@ def bench_serve(
             request_rates=tuple(parse_sweep(request_rate, "--request-rate", allow_inf=True)),
             input_len=LengthRange.parse(input_len, "--input-len"), output_len=LengthRange.parse(output_len, "--output-len"),
             goodput=parse_goodput(goodput or []), ignore_eos=ignore_eos, seed=seed,
+            api_key=api_key or Env().api_key,
         )
         run_bench(opts, csv, json_out, console, result_json)
     except DisaggError as e:
@@ -123,5 +153,60 @@ def bench_codecs(
         from homelab_disagg.lab.bench.codecs import run_bench
 
         run_bench(resolve_model_path(model), prompts, repeats, csv, json_out, console, speed_tokens)
+    except DisaggError as e:
+        fail(e)
+
+
+@app.command("models")
+def bench_models(
+    family: Annotated[Optional[list[str]], typer.Option(help="Families to prove (repeat; default: llama, qwen2, qwen3, "
+                                                            "gemma3).")] = None,
+    model: ModelOpt = None,
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt tokens whose KV is compared.")] = 96,
+    device: Annotated[str, typer.Option(help="Torch engine device: auto, cuda or cpu.")] = "auto",
+    threads: Annotated[int, typer.Option(help="Threads of both engines (0: their defaults).")] = 0,
+    csv: CsvOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Each family's handoff proven on a tiny synthetic model: the KV the torch engine exports against
+    llama.cpp's own prefill KV of the same tokens, per layer and cache, with the family's RoPE layout and
+    with it swapped; the default model (--model) gives the bound."""
+    try:
+        from homelab_disagg.lab.bench.models import FAMILIES, run_bench
+
+        run_bench(list(family or FAMILIES), prompt_tokens, resolve_model_path(model), device, threads, csv, json_out,
+                  console)
+    except DisaggError as e:
+        fail(e)
+
+
+@app.command("chaos")
+def bench_chaos(
+    model: ModelOpt = None,
+    requests: Annotated[int, typer.Option(help="Requests under faults.")] = 240,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight, under faults and in the soak.")] = 8,
+    faults: Annotated[int, typer.Option(help="Faults in turn: kill -9 a decode worker, SIGSTOP the prefill worker, "
+                                             "kill -9 a decode worker, kill -9 the prefill worker.")] = 8,
+    stop_s: Annotated[float, typer.Option(help="Seconds a SIGSTOPped prefill worker stays stopped.")] = 5.0,
+    fuzz_messages: Annotated[int, typer.Option(help="Fuzzed messages over the worker ports (the API gets a twentieth more).")] = 10_000,
+    soak_requests: Annotated[int, typer.Option(help="Requests in the soak (RSS measured once warm and at the end).")] = 1000,
+    max_tokens: Annotated[int, typer.Option(help="Output tokens per request.")] = 16,
+    decode_workers: Annotated[int, typer.Option(help="Local decode workers.")] = 2,
+    device: Annotated[str, typer.Option(help="Prefill worker's device: auto, cuda or cpu.")] = "cpu",
+    max_seconds: Annotated[float, typer.Option(help="Bound on the whole run; phases stop issuing requests past it.")] = 3600.0,
+    log_dir: Annotated[Optional[Path], typer.Option(help="Worker and server logs. Default: results/chaos-logs-<time>.")] = None,
+    csv: CsvOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Faults survived on purpose, on this machine: a streaming load while workers are killed, stopped
+    and restarted; fuzzed input at every port; a soak. Counts every request as completed, a clear
+    error, or lost (must be 0)."""
+    try:
+        from homelab_disagg.lab.bench.chaos import ChaosOptions, run_bench
+
+        opts = ChaosOptions(requests=requests, concurrency=concurrency, faults=faults, stop_s=stop_s,
+                            fuzz_messages=fuzz_messages, soak_requests=soak_requests, max_tokens=max_tokens,
+                            num_decode=decode_workers, device=device, max_seconds=max_seconds)
+        run_bench(resolve_model_path(model), opts, csv, json_out, console, log_dir)
     except DisaggError as e:
         fail(e)

@@ -100,6 +100,7 @@ class BenchOptions:
     seed: int = 0
     timeout_s: float = 600.0
     warmup: bool = True
+    api_key: str | None = field(default=None, repr=False)  # sent as `Authorization: Bearer KEY`
 
     def __post_init__(self):
         if self.endpoint not in ("completions", "chat"):
@@ -263,7 +264,9 @@ async def run_sweep(opts: BenchOptions, console: Console) -> tuple[list[dict], l
     url = f"{base}/v1/{'chat/completions' if opts.endpoint == 'chat' else 'completions'}"
     prompts = make_prompts(opts)
     limits = httpx.Limits(max_connections=max(opts.concurrencies) + 4, max_keepalive_connections=max(opts.concurrencies) + 4)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(opts.timeout_s, connect=10.0), limits=limits) as client:
+    headers = {"Authorization": f"Bearer {opts.api_key}"} if opts.api_key else None
+    async with httpx.AsyncClient(timeout=httpx.Timeout(opts.timeout_s, connect=10.0), limits=limits,
+                                 headers=headers) as client:
         model = await resolve_model(client, base, opts.model)
         if opts.warmup:  # first-call costs are not what we measure
             res = await send_one(client, url, request_body(opts, model, Prompt(prompts[0].text, 0, 4)), opts.endpoint == "chat")
@@ -299,7 +302,7 @@ def run_bench(opts: BenchOptions, csv_path: Path | None, json_out: bool, console
             console.print(f"[red]concurrency {d['max_concurrency']}: {e}[/]", highlight=False)
     if result_json is not None:
         result_json.parent.mkdir(parents=True, exist_ok=True)
-        result_json.write_text(json.dumps({"model": model, "options": _jsonable(asdict(opts)), "points": details}, default=str))
+        result_json.write_text(json.dumps({"model": model, "options": _jsonable({**asdict(opts), "api_key": "(set)" if opts.api_key else None}), "points": details}, default=str))
         console.print(f"per-request results: {result_json}", highlight=False)
     meta = {"base_url": opts.base_url, "model": model, "endpoint": opts.endpoint, "num_prompts": opts.num_prompts,
             "input_len": f"{opts.input_len.lo}-{opts.input_len.hi}", "output_len": f"{opts.output_len.lo}-{opts.output_len.hi}",

@@ -4,7 +4,9 @@ Three measurements, each side by side with its baseline in the same run:
 1. goodput: our KV stream (frames, XXH3 check, copy into the state buffer on arrival) vs a plain
    socket moving the same bytes between the same two hosts: loopback, and link-lab namespaces
    shaped to 1 and 10 Gbit (where namespaces can be made); on loopback also the same frames through
-   ZeroMQ alone (no check, no landing copy), which shows where a CPU-bound box loses;
+   ZeroMQ alone (no check, no landing copy), which shows where a CPU-bound box loses; on loopback and
+   on 10 Gbit also the KV stream with CurveZMQ (the lab's default, `--curve-keys`) against it without, and
+   the one-core speed of the cipher CURVE runs (libsodium's crypto_box, the copy libzmq links);
 2. overlap: real prefill and decode workers on either side of a 1 Gbit link, a prompt of >= 1024
    tokens: TTFT disaggregated minus the prefill engine's own TTFT, with layer streaming and the first
    token from the prefill worker (`overlap_excess_ms`), with layer streaming and the first token from
@@ -21,12 +23,15 @@ stamps from different processes subtract.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import dataclasses
 import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,18 +62,25 @@ KV_MODES = {
     # whose cores are all busy moving bytes, the gap between this row and "landed" is what the check and
     # the landing copy cost; against the socket row, what ZeroMQ's framing and I/O threads cost.
     "frames": "ZeroMQ frames only",
+    # "landed" through CURVE sockets, as the Ansible lab runs them: every byte encrypted on the sender's ZeroMQ
+    # I/O thread and decrypted on the receiver's
+    "curve": "KV stream, CURVE",
 }
 
 
-def role_kv_sink(ip: str, num_layers: str, mode: str = "landed") -> None:
-    """Receive num_layers KV frames; in mode landed, check each and copy its payload into a state-sized buffer."""
+def role_kv_sink(ip: str, num_layers: str, mode: str = "landed", key_dir: str = "") -> None:
+    """Receive num_layers KV frames; in modes landed and curve, check each and copy its payload into a
+    state-sized buffer (curve: as a CURVE server with the keys in key_dir)."""
+    import logging
+
     import zmq
 
-    from wire import frame, transport
+    from wire import curve, frame, transport
 
     n = int(num_layers)
     zctx = zmq.Context()
-    pull = transport.bind_kv_pull(zctx, f"tcp://{ip}:0")
+    guard = curve.CurveGuard(zctx, curve.server_keys(Path(key_dir)), logging.getLogger("bench")) if mode == "curve" else None
+    pull = transport.bind_kv_pull(zctx, f"tcp://{ip}:0", guard)
     port = pull.getsockopt(zmq.LAST_ENDPOINT).decode().rsplit(":", 1)[1]
     print(json.dumps({"port": int(port)}), flush=True)
     state = bytearray(LAYER_BYTES * 2)  # a reused landing area: the decode worker's one copy per byte
@@ -87,12 +99,13 @@ def role_kv_sink(ip: str, num_layers: str, mode: str = "landed") -> None:
     print(json.dumps({"nbytes": got, "t_first": t_first, "t_last": time.monotonic()}), flush=True)
 
 
-def role_kv_source(ip: str, port: str, layer_bytes: str, num_layers: str, mode: str = "landed") -> None:
-    """Send num_layers frames of layer_bytes (K+V): through the prefill worker's KvSender (mode landed), or
-    the same frames, encoded once, straight onto the KV socket (mode frames)."""
+def role_kv_source(ip: str, port: str, layer_bytes: str, num_layers: str, mode: str = "landed", key_dir: str = "") -> None:
+    """Send num_layers frames of layer_bytes (K+V): through the prefill worker's KvSender (modes landed and
+    curve, the latter as the prefill worker's CURVE client), or the same frames, encoded once, straight onto
+    the KV socket (mode frames)."""
     import zmq
 
-    from wire import frame, transport
+    from wire import curve, frame, transport
 
     half = int(layer_bytes) // 2
     k, v = memoryview(os.urandom(half)), memoryview(os.urandom(half))
@@ -110,7 +123,7 @@ def role_kv_source(ip: str, port: str, layer_bytes: str, num_layers: str, mode: 
         print(json.dumps({"t_start": t_start}), flush=True)
         sock.close(linger=60_000)
         return
-    sender = transport.KvSender(zmq.Context())
+    sender = transport.KvSender(zmq.Context(), curve=curve.client_keys(Path(key_dir), curve.PREFILL) if mode == "curve" else None)
     t_start = time.monotonic()
     for i in range(int(num_layers)):
         sender.submit(transport.LayerJob(addr, header(i), k, v))
@@ -171,13 +184,15 @@ def _spawn(lab, ns: str | None, argv: list[str]) -> subprocess.Popen:
     return subprocess.Popen(argv, env=linklab.child_env(), stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
 
 
-def kv_goodput(lab, sink_ip: str, layer_bytes: int, num_layers: int, mode: str = "landed") -> float:
-    """Bytes/s of our KV stream (a KV_MODES key) from the gpu side to the cpu side (or loopback when lab is None)."""
+def kv_goodput(lab, sink_ip: str, layer_bytes: int, num_layers: int, mode: str = "landed", key_dir: Path | None = None) -> float:
+    """Bytes/s of our KV stream (a KV_MODES key) from the gpu side to the cpu side (or loopback when lab is
+    None); mode curve takes its keys from key_dir (`wire.curve.generate_keys`)."""
     me = [sys.executable, "-m", "homelab_disagg.lab.bench.wire"]
-    sink = _spawn(lab, lab and lab.cpu_ns, me + ["kv-sink", sink_ip, str(num_layers), mode])
+    keys = [str(key_dir)] if mode == "curve" else []
+    sink = _spawn(lab, lab and lab.cpu_ns, me + ["kv-sink", sink_ip, str(num_layers), mode, *keys])
     port = json.loads(sink.stdout.readline())["port"]
     source = _spawn(lab, lab and lab.gpu_ns,
-                    me + ["kv-source", sink_ip, str(port), str(layer_bytes), str(num_layers), mode])
+                    me + ["kv-source", sink_ip, str(port), str(layer_bytes), str(num_layers), mode, *keys])
     src_out, _ = source.communicate(timeout=600)
     sink_out, _ = sink.communicate(timeout=60)
     if source.returncode or sink.returncode:
@@ -201,15 +216,52 @@ def socket_goodput(lab, sink_ip: str, nbytes: int) -> float:
     return res["nbytes"] / res["seconds"]
 
 
-def side_by_side(lab, sink_ip: str, total_bytes: int, repeats: int, kv_modes=("landed",)) -> list[float]:
+def side_by_side(lab, sink_ip: str, total_bytes: int, repeats: int, kv_modes=("landed",),
+                 key_dir: Path | None = None) -> list[float]:
     """Best-of-`repeats` goodput of the plain socket, then of the KV stream in each of kv_modes, interleaved."""
     num_layers = max(1, total_bytes // LAYER_BYTES)
     runs = [[] for _ in range(1 + len(kv_modes))]
     for _ in range(repeats):
         runs[0].append(socket_goodput(lab, sink_ip, num_layers * LAYER_BYTES))
         for i, mode in enumerate(kv_modes, 1):
-            runs[i].append(kv_goodput(lab, sink_ip, LAYER_BYTES, num_layers, mode))
+            runs[i].append(kv_goodput(lab, sink_ip, LAYER_BYTES, num_layers, mode, key_dir))
     return [max(r) for r in runs]
+
+
+def curve_cipher_bytes_per_s(nbytes: int = LAYER_BYTES, min_seconds: float = 0.5) -> tuple[float, float]:
+    """One core's speed at CURVE's per-message work, encrypt and decrypt (XSalsa20-Poly1305 with a precomputed
+    key, `crypto_box_afternm`), in bytes/s of one KV layer per message, through the libsodium libzmq links
+    (pyzmq's bundled copy, else the system's). libzmq adds two copies of each message around it. (0, 0)
+    where no libsodium is found."""
+    import zmq
+
+    libs = sorted((Path(zmq.__file__).resolve().parent.parent / "pyzmq.libs").glob("libsodium*.so*"))
+    name = str(libs[0]) if libs else ctypes.util.find_library("sodium")
+    if not name:
+        return 0.0, 0.0
+    na = ctypes.CDLL(name)
+    if na.sodium_init() < 0:
+        return 0.0, 0.0
+    zero_bytes, box_zero_bytes = 32, 16  # crypto_box_ZEROBYTES, crypto_box_BOXZEROBYTES: NaCl's padded API
+    pk, sk, k, nonce = (ctypes.create_string_buffer(32) for _ in range(4))
+    na.crypto_box_keypair(pk, sk)
+    na.crypto_box_beforenm(k, pk, sk)
+    m = ctypes.create_string_buffer(zero_bytes + nbytes)  # 32 zero bytes, then the plaintext
+    c = ctypes.create_string_buffer(zero_bytes + nbytes)
+    size = ctypes.c_ulonglong(zero_bytes + nbytes)
+
+    def rate(fn, out, inp) -> float:
+        n, t0 = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - t0) < min_seconds or n < 3:
+            if fn(out, inp, size, nonce, k) != 0:
+                raise RuntimeError(f"libsodium {fn.__name__} failed")
+            n += 1
+        return n * nbytes / elapsed
+
+    enc = rate(na.crypto_box_afternm, c, m)
+    ctypes.memset(c, 0, box_zero_bytes)  # the open side expects 16 zero bytes before the box
+    dec = rate(na.crypto_box_open_afternm, m, c)
+    return enc, dec
 
 
 @dataclass(frozen=True)
@@ -302,27 +354,40 @@ def overlap_table(figures: dict):
 def run_bench(model_path: Path, loopback_mb: int, link_mb: int, prompt_tokens: int, repeats: int, csv_path,
               json_out: bool, console, workers: OverlapWorkers = OverlapWorkers(), overlap_requests: int = 15) -> dict:
     from homelab_disagg.lab.bench.report import emit, table
+    from wire import curve
 
     rows, summary = [], {}
-    sock, kv, frames = side_by_side(None, "127.0.0.1", loopback_mb << 20, repeats, kv_modes=("landed", "frames"))
-    for link, got in (("loopback", kv), (f"loopback, {KV_MODES['frames']}", frames)):
+    key_tmp = tempfile.TemporaryDirectory(prefix="bench-wire-keys-")
+    key_dir = Path(key_tmp.name) / "keys"
+    curve.generate_keys(key_dir)
+    sock, kv, frames, kv_curve = side_by_side(None, "127.0.0.1", loopback_mb << 20, repeats,
+                                              kv_modes=("landed", "frames", "curve"), key_dir=key_dir)
+    for link, got in (("loopback", kv), (f"loopback, {KV_MODES['frames']}", frames),
+                      (f"loopback, {KV_MODES['curve']}", kv_curve)):
         rows.append({"link": link, "socket_gbps": sock * 8 / 1e9, "kv_gbps": got * 8 / 1e9,
                      "kv_vs_socket": got / sock, "kv_vs_rate": ""})
     summary["loopback_vs_socket"] = kv / sock
     summary["loopback_frames_only_vs_socket"] = frames / sock
+    summary["loopback_curve_vs_plain"] = kv_curve / kv
+    enc, dec = curve_cipher_bytes_per_s()
+    summary["curve_encrypt_gbps_one_core"], summary["curve_decrypt_gbps_one_core"] = enc * 8 / 1e9, dec * 8 / 1e9
     reason = linklab.available()
     figures = {}
     if reason:
         console.print(f"[yellow]link lab unavailable ({reason}): shaped links and overlap not measured[/]")
     else:
         for rate in (1, 10):
+            modes = ("landed", "curve") if rate == 10 else ("landed",)
             with linklab.link_lab(linklab.LinkSpec(rate)) as lab:
-                sock, kv = side_by_side(lab, lab.cpu_ip, (link_mb * rate) << 20, repeats)
+                sock, kv, *with_curve = side_by_side(lab, lab.cpu_ip, (link_mb * rate) << 20, repeats, modes, key_dir)
             rate_bps = rate * 1e9 / 8
-            rows.append({"link": f"{rate} Gbit", "socket_gbps": sock * 8 / 1e9, "kv_gbps": kv * 8 / 1e9,
-                         "kv_vs_socket": kv / sock, "kv_vs_rate": kv / rate_bps})
+            for label, got in ((f"{rate} Gbit", kv), *((f"{rate} Gbit, {KV_MODES['curve']}", c) for c in with_curve)):
+                rows.append({"link": label, "socket_gbps": sock * 8 / 1e9, "kv_gbps": got * 8 / 1e9,
+                             "kv_vs_socket": got / sock, "kv_vs_rate": got / rate_bps})
             summary[f"link_{rate}gbit_efficiency"] = kv / rate_bps
             summary[f"link_{rate}gbit_socket_efficiency"] = sock / rate_bps
+            if with_curve:
+                summary[f"link_{rate}gbit_curve_vs_plain"] = with_curve[0] / kv
             if rate == 1:
                 socket_1g = sock
         with linklab.link_lab(linklab.LinkSpec(1)) as lab:
@@ -340,6 +405,7 @@ def run_bench(model_path: Path, loopback_mb: int, link_mb: int, prompt_tokens: i
         summary["kv_ready_excess_ms"] = figures.get("streaming_kv_ready_excess_ms", 0.0)
         summary["kv_ready_excess_no_streaming_ms"] = figures.get("whole_kv_ready_excess_ms", 0.0)
         summary["overlap_workers"] = dataclasses.asdict(workers)
+    key_tmp.cleanup()
     tables = [table("KV stream vs plain TCP socket, same bytes, same hosts (Gbit/s)", rows)]
     if figures:
         tables.append(overlap_table(figures))
