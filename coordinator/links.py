@@ -28,7 +28,7 @@ from wire.curve import CurveKeys
 from wire.messages import (
     Admitted, Detokenized, Failed, Finished, FirstToken, GenerateDone, Pong, PrefillDone, Refused, Tokenized, Tokens,
 )
-from wire.transport import ThrottledWarning
+from wire.throttled_log import ThrottledWarning
 
 log = logging.getLogger("coordinator")
 _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL

@@ -27,9 +27,25 @@ from homelab_disagg.errors import DisaggError, RequestError
 from homelab_disagg.model import read_model_info
 from wire import codecs, curve, frame, messages, transport
 from wire.messages import (
-    Admit, Admitted, Cancel, Capabilities, DecodeTimings, Detokenize, Detokenized, Failed, Finished, FirstToken, Ping,
-    PoolStatus, Pong, Refused, Tokenize, Tokenized, Tokens,
+    Admit,
+    Admitted,
+    Cancel,
+    Capabilities,
+    DecodeTimings,
+    Detokenize,
+    Detokenized,
+    Failed,
+    Finished,
+    FirstToken,
+    Ping,
+    Pong,
+    PoolStatus,
+    Refused,
+    Tokenize,
+    Tokenized,
+    Tokens,
 )
+from wire.throttled_log import ThrottledWarning
 
 log = logging.getLogger("decode")
 STALL_CHECK_INTERVAL_S = 0.25  # how often waiting KV streams are checked against kv_timeout_s
@@ -46,7 +62,7 @@ class DecodeWorker:
         self.guard = curve.CurveGuard(self.zctx, cfg.curve, log) if cfg.curve is not None else None
         self.control = transport.bind_router(self.zctx, cfg.control_addr, self.guard)
         self.inbox = transport.ControlInbox(self.control, log, pong=self.pong)
-        self._warn_bad_frame = transport.ThrottledWarning(log)  # a peer can send bad frames at any rate
+        self._warn_bad_frame = ThrottledWarning(log)  # a peer can send bad frames at any rate
         self.kv = transport.bind_kv_pull(self.zctx, cfg.kv_addr, self.guard)
         if self.guard is not None:
             log.info("CURVE on: control and KV sockets let in %d authorized client keys", len(cfg.curve.authorized_keys))

@@ -34,7 +34,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 from zmq.utils.monitor import parse_monitor_message
 
-from wire.transport import ThrottledWarning
+from wire.throttled_log import ThrottledWarning
 
 SERVER, COORDINATOR, PREFILL = "server", "coordinator", "prefill"
 CLIENTS = (COORDINATOR, PREFILL)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 import zmq
 
 from wire import frame, messages
+from wire.throttled_log import ThrottledWarning
 
 if TYPE_CHECKING:  # wire.curve builds on this module; these are only its types
     from wire.curve import CurveGuard, CurveKeys
@@ -45,7 +46,6 @@ KV_BATCH_WINDOW_S = 0.005
 # The largest control message a worker takes in: a Prefill of a 128k-token prompt is ~0.7 MB. A frame
 # announcing more is dropped by ZeroMQ with its connection, before any of it is buffered.
 MAX_CONTROL_MESSAGE_BYTES = 64 << 20
-WARN_INTERVAL_S = 10.0  # rejected control messages: at most one log line per this long
 PING_POLL_S = 0.05  # a busy worker's ping thread looks at its control socket this often (a GIL grab each)
 
 
@@ -59,26 +59,6 @@ def bind_router(ctx: zmq.Context, addr: str, guard: CurveGuard | None = None) ->
         guard.secure(sock, "control")
     sock.bind(addr)
     return sock
-
-
-class ThrottledWarning:
-    """A warning logged at most once per `interval_s`; the lines held back are counted into the next
-    one. For what a peer can send at any rate: one line per bad input would flood the log."""
-
-    def __init__(self, log: logging.Logger, interval_s: float = WARN_INTERVAL_S):
-        self.log, self.interval_s = log, interval_s
-        self._next_s = 0.0
-        self._num_held = 0
-
-    def __call__(self, fmt: str, *args, exc_info: bool = False) -> None:
-        now = time.monotonic()
-        if now < self._next_s:
-            self._num_held += 1
-            return
-        if self._num_held:
-            fmt, args = fmt + " (and %d more in the last %.0f s)", (*args, self._num_held, self.interval_s)
-        self.log.warning(fmt, *args, exc_info=exc_info)
-        self._next_s, self._num_held = now + self.interval_s, 0
 
 
 class ControlInbox:

@@ -10,6 +10,7 @@ import zmq
 
 from wire import messages, transport
 from wire.messages import Failed, Ping
+from wire.throttled_log import ThrottledWarning
 
 
 @pytest.fixture
@@ -55,7 +56,7 @@ def test_only_well_formed_messages_come_through(pair, caplog):
 def test_throttled_warning_counts_what_it_held_back(caplog, monkeypatch):
     now = [100.0]
     monkeypatch.setattr(transport.time, "monotonic", lambda: now[0])
-    warn = transport.ThrottledWarning(logging.getLogger("test.throttle"), interval_s=10.0)
+    warn = ThrottledWarning(logging.getLogger("test.throttle"), interval_s=10.0)
     with caplog.at_level(logging.WARNING, "test.throttle"):
         for _ in range(5):
             warn("bad %s", "input")
