@@ -23,7 +23,6 @@ stream per sequence) runs a batch as one micro-batch only over consecutive seque
 
 from __future__ import annotations
 
-import codecs
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from decode_cpu import kv_assembler, llama, numa
 from decode_cpu.kv_assembler import Geometry
 from decode_cpu.kv_pool import Hit, KVPool, auto_budget_bytes
 from decode_cpu.kv_state import StateLayout, StateLayoutError, parse_state
+from decode_cpu.output_text import OutputText
 from decode_cpu.slots import SlotTable
 from homelab_disagg.config import KV_POOL_AUTO, DecodeWorkerConfig
 from homelab_disagg.errors import PromptTooLong, RequestError
@@ -42,54 +42,6 @@ from wire import frame
 from wire.messages import Sampling
 
 WAIT_KV, READY, PREFILL, RUNNING, DONE = "wait_kv", "ready", "prefill", "running", "done"
-
-
-class OutputText:
-    """Token bytes -> the text to stream. Incomplete UTF-8 is held until its last byte arrives;
-    text that may be the start of a stop string is held until it is known not to be, so a stop
-    string that spans tokens never reaches the client, and output ends just before it."""
-
-    def __init__(self, stop=()):
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.stop = tuple(s for s in stop if s)
-        self._longest_stop = max((len(s) for s in self.stop), default=0)
-        self.text = ""  # everything decoded so far (cut at the stop string once one is hit)
-        self.num_emitted = 0  # characters of `text` already streamed
-
-    def add(self, data: bytes) -> tuple[str, bool]:
-        """Append one token's bytes. Returns (text to stream now, whether a stop string completed)."""
-        new = self._utf8.decode(data)
-        if not new:
-            return "", False
-        search_from = max(0, len(self.text) - self._longest_stop + 1)
-        self.text += new
-        if not self.stop:
-            return self._emit(len(self.text)), False
-        hits = [at for at in (self.text.find(s, search_from) for s in self.stop) if at >= 0]
-        if hits:
-            self.text = self.text[: min(hits)]
-            return self._emit(len(self.text)), True
-        return self._emit(len(self.text) - self._held_back()), False
-
-    def flush(self) -> str:
-        """At the end (EOS, length): the held-back text, and U+FFFD for a dangling partial character."""
-        self.text += self._utf8.decode(b"", final=True)
-        return self._emit(len(self.text))
-
-    def _held_back(self) -> int:
-        """Length of the longest tail of `text` that is a proper prefix of a stop string."""
-        best = 0
-        for s in self.stop:
-            for k in range(min(len(s) - 1, len(self.text) - self.num_emitted), best, -1):
-                if self.text.endswith(s[:k]):
-                    best = k
-                    break
-        return best
-
-    def _emit(self, end: int) -> str:
-        piece = self.text[self.num_emitted : end]
-        self.num_emitted = max(self.num_emitted, end)
-        return piece
 
 
 @dataclass

@@ -12,7 +12,7 @@ pytestmark = needs_llama
 
 
 def stream(pieces, stop=()):
-    from decode_cpu.engine import OutputText
+    from decode_cpu.output_text import OutputText
 
     out = OutputText(stop)
     emitted, stopped = [], False
