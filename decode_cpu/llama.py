@@ -181,14 +181,10 @@ class LlamaContext:
         return llama_cpp.llama_memory_seq_pos_max(self.mem, seq_id)
 
     def get_seq_state(self, seq_id: int) -> bytes:
-        self._check_seq(seq_id)
-        n = llama_cpp.llama_state_seq_get_size(self._ptr, seq_id)
-        buf = (ctypes.c_uint8 * n)()
-        got = llama_cpp.llama_state_seq_get_data(self._ptr, buf, n, seq_id)
-        return bytes(buf[:got])
+        return bytes(self.copy_seq_state(seq_id))
 
     def copy_seq_state(self, seq_id: int) -> bytearray:
-        """The sequence's state (as get_seq_state) written straight into a bytearray of its own:
+        """The sequence's state (llama_state_seq_get_data) written straight into a bytearray of its own:
         one copy, no per-byte Python objects (megabytes for a long sequence)."""
         self._check_seq(seq_id)
         n = llama_cpp.llama_state_seq_get_size(self._ptr, seq_id)

@@ -18,13 +18,12 @@ import typer
 from rich.table import Table
 
 from homelab_disagg.errors import DisaggError
-from homelab_disagg.shell import ConfigOpt, Debug, ModelOpt, console, err_console, fail, resolve_model_path
-from wire import codecs
+from homelab_disagg.shell import (CACHE_TYPE_NAMES, CODEC_NAMES, ConfigOpt, Debug, ModelOpt, console, err_console, fail,
+                                  resolve_model_path)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 model_app = typer.Typer(no_args_is_help=True, help="The model: fetch the default, inspect a GGUF.")
 app.add_typer(model_app, name="model")
-CODEC_NAMES, CACHE_TYPE_NAMES = ", ".join(codecs.names()), ", ".join(codecs.CACHE_TYPES)
 keys_app = typer.Typer(no_args_is_help=True, help="CurveZMQ keys for a lab's ZeroMQ sockets.")
 app.add_typer(keys_app, name="keys")
 CurveKeysOpt = Annotated[Optional[Path], typer.Option(

@@ -11,10 +11,14 @@ import typer
 from rich.console import Console
 
 from homelab_disagg.config import Env
+from wire import codecs
 
 # Tables are wide (the TTFT anatomy has 13 columns): 140 columns when output is not a terminal.
 console = Console(width=None if sys.stdout.isatty() else 140)
 err_console = Console(stderr=True)
+
+# the registry's names, for options' help texts
+CODEC_NAMES, CACHE_TYPE_NAMES = ", ".join(codecs.names()), ", ".join(codecs.CACHE_TYPES)
 
 ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="GGUF file (llama, qwen2 or qwen3 architecture). Default: the embedded SmolLM2-135M-Instruct Q4_1.")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Lab TOML naming remote workers. Default: start workers on this machine.")]

@@ -10,11 +10,9 @@ from typing import Annotated, Optional
 import typer
 
 from homelab_disagg.errors import DisaggError
-from homelab_disagg.shell import CsvOpt, JsonOpt, ModelOpt, console, fail, resolve_model_path
-from wire import codecs
+from homelab_disagg.shell import CACHE_TYPE_NAMES, CsvOpt, JsonOpt, ModelOpt, console, fail, resolve_model_path
 
 app = typer.Typer(no_args_is_help=True, help="Benchmarks: ours and the baseline side by side, table + CSV + --json.")
-CACHE_TYPE_NAMES = ", ".join(codecs.CACHE_TYPES)
 
 
 @app.command("wire")
